@@ -1,0 +1,129 @@
+"""What batchrun needs to know about a model: its architecture numbers, read from a Hugging Face config.json.
+
+Owns the list of supported architectures and the KV-memory arithmetic that the planner and the engine share.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelConfigError(ValueError):
+    """The model's config.json cannot be used (unsupported architecture, missing or bad field)."""
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """The llama3 frequency rescaling (rope_type 'llama3'); other rope types are refused when loading."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: RopeScaling | None
+    tie_word_embeddings: bool
+    attention_bias: bool
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    dtype: str
+
+    def __post_init__(self) -> None:
+        assert self.num_heads % self.num_kv_heads == 0, "query heads must be a multiple of KV heads"
+        assert self.dtype in DTYPES, self.dtype
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def dtype_bytes(self) -> int:
+        return torch.tensor([], dtype=self.torch_dtype).element_size()
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of K and V that one token holds across all layers."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+
+    @classmethod
+    def from_hf(cls, raw: dict[str, Any], *, dtype: str | None = None) -> ModelConfig:
+        """Reads a Hugging Face config.json dict; raises ModelConfigError naming the field at fault."""
+        model_type = raw.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ModelConfigError(
+                f"model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+            )
+        try:
+            num_heads = int(raw["num_attention_heads"])
+            hidden = int(raw["hidden_size"])
+            eos = raw.get("eos_token_id")
+            eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else []))
+            cfg_dtype = dtype or _dtype_name(raw.get("torch_dtype") or raw.get("dtype") or "float32")
+            return cls(
+                model_type=model_type,
+                vocab_size=int(raw["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(raw["intermediate_size"]),
+                num_layers=int(raw["num_hidden_layers"]),
+                num_heads=num_heads,
+                num_kv_heads=int(raw.get("num_key_value_heads") or num_heads),
+                head_dim=int(raw.get("head_dim") or hidden // num_heads),
+                max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+                rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(raw.get("rope_theta", 10000.0)),
+                rope_scaling=_rope_scaling(raw.get("rope_scaling") or raw.get("rope_parameters")),
+                tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+                attention_bias=bool(raw.get("attention_bias", model_type == "qwen2")),
+                bos_token_id=raw.get("bos_token_id"),
+                eos_token_ids=eos_ids,
+                dtype=cfg_dtype,
+            )
+        except KeyError as e:
+            raise ModelConfigError(f"config.json has no field {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise ModelConfigError(f"config.json has a bad value: {e}") from None
+
+
+def _dtype_name(name: str) -> str:
+    name = str(name).removeprefix("torch.")
+    aliases = {"float": "float32", "fp32": "float32", "bf16": "bfloat16", "half": "float16", "fp16": "float16"}
+    name = aliases.get(name, name)
+    if name not in DTYPES:
+        raise ModelConfigError(f"dtype {name!r} is not supported (use one of {', '.join(DTYPES)})")
+    return name
+
+
+def _rope_scaling(raw: dict[str, Any] | None) -> RopeScaling | None:
+    if not raw:
+        return None
+    rope_type = raw.get("rope_type") or raw.get("type") or "default"
+    if rope_type == "default":
+        return None
+    if rope_type != "llama3":
+        raise ModelConfigError(f"rope_scaling type {rope_type!r} is not supported (supported: llama3)")
+    return RopeScaling(
+        factor=float(raw["factor"]),
+        low_freq_factor=float(raw["low_freq_factor"]),
+        high_freq_factor=float(raw["high_freq_factor"]),
+        original_max_position_embeddings=int(raw["original_max_position_embeddings"]),
+    )
