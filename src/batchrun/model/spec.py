@@ -1,0 +1,79 @@
+"""Resolves `--model` (a Hugging Face model directory or a built-in name) to a ModelSpec with a fingerprint.
+
+The fingerprint covers what changes outputs: config.json, the tokenizer files, and the weights' identity
+(file names and sizes of the safetensors, or the built-in seed), so `run` can refuse a plan made for another model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from batchrun.errors import UserError
+from batchrun.model.config import ModelConfig, ModelConfigError
+
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+BUILTIN_MODELS = {"builtin-tiny": BUILTIN_DIR}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str  # as the user gave it: a built-in name or a directory
+    path: Path  # directory holding config.json and the tokenizer files
+    config: ModelConfig
+    builtin_seed: int | None  # built-in models: weights generated from this seed; else None (safetensors)
+    fingerprint: str
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.builtin_seed is not None
+
+
+def resolve_model(name: str, *, dtype: str | None = None) -> ModelSpec:
+    """A built-in model name or a model directory → ModelSpec; raises UserError saying what is missing."""
+    path = BUILTIN_MODELS.get(name)
+    if path is None:
+        path = Path(name).expanduser()
+        if not path.is_dir():
+            builtins = ", ".join(BUILTIN_MODELS)
+            raise UserError(f"model {name!r}: not a directory and not a built-in model ({builtins})")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"model {name!r}: {config_file} does not exist")
+    try:
+        raw = json.loads(config_file.read_bytes())
+        config = ModelConfig.from_hf(raw, dtype=dtype)
+    except json.JSONDecodeError as e:
+        raise UserError(f"model {name!r}: {config_file} is not valid JSON ({e})") from None
+    except ModelConfigError as e:
+        raise UserError(f"model {name!r}: {e}") from None
+    seed = raw.get("batchrun_builtin_seed")
+    if seed is None and not _weight_files(path):
+        raise UserError(f"model {name!r}: no *.safetensors weights in {path}")
+    return ModelSpec(
+        name=name,
+        path=path,
+        config=config,
+        builtin_seed=None if seed is None else int(seed),
+        fingerprint=_fingerprint(path, config.dtype),
+    )
+
+
+def _weight_files(path: Path) -> list[Path]:
+    return sorted(path.glob("*.safetensors"))
+
+
+def _fingerprint(path: Path, dtype: str) -> str:
+    h = hashlib.sha256()
+    h.update(dtype.encode())
+    for name in ("config.json", *TOKENIZER_FILES):
+        f = path / name
+        if f.is_file():
+            h.update(name.encode() + b"\0" + f.read_bytes())
+    for f in _weight_files(path):
+        # Names and sizes, not contents: hashing many GB of weights on every plan and run would be slow.
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:16]
