@@ -1,23 +1,41 @@
-"""Input lines → Request or InvalidLine. (Parsing lands in the next commit; the types are the contract.)"""
+"""Input lines → Request or InvalidLine: the two input formats (plain and OpenAI batch) and their validation.
+
+Every non-blank line becomes exactly one of the two, so that every line ends as exactly one output line.
+A bad line never stops the read: it becomes an InvalidLine naming its line number and the field at fault.
+"""
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+
+from batchrun import defaults
+from batchrun.errors import UserError
 
 Format = Literal["plain", "openai"]
 Endpoint = Literal["completions", "chat"]
+Prompt = str | list[dict[str, str]]  # a completion prompt, or chat messages
+OPENAI_URLS: dict[str, Endpoint] = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
+ROLES = ("system", "user", "assistant", "tool", "developer")
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int
     min_tokens: int = 0
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: no top-k cut
+    temperature: float = defaults.TEMPERATURE
+    top_p: float = defaults.TOP_P
+    top_k: int = defaults.TOP_K  # 0: no top-k cut
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        assert 0 <= self.min_tokens <= self.max_tokens, (self.min_tokens, self.max_tokens)
 
     @property
     def is_greedy(self) -> bool:
@@ -27,7 +45,7 @@ class SamplingParams:
 @dataclass(frozen=True)
 class Request:
     line: int  # 1-based line number in the input file
-    id: str  # plain "id", or OpenAI "custom_id"
+    id: str  # plain "id" (an integer id is kept as its decimal string), or OpenAI "custom_id"
     format: Format
     endpoint: Endpoint
     sampling: SamplingParams
@@ -39,5 +57,245 @@ class InvalidLine:
     line: int
     id: str | None
     format: Format
-    code: str  # e.g. "invalid_json", "missing_field", "invalid_value", "duplicate_id", "prompt_too_long"
+    code: str  # "invalid_json", "invalid_request", "missing_field", "invalid_value", "duplicate_id", ...
     message: str  # names the field at fault
+
+
+@dataclass(frozen=True)
+class ParsedLine:
+    """A valid line before tokenization: the request and its prompt (dropped once tokenized)."""
+
+    request: Request
+    prompt: Prompt
+
+
+class LineError(Exception):
+    def __init__(self, code: str, field_name: str | None, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.field = field_name
+
+
+class InputReader:
+    """Streams an input JSONL file: yields ParsedLine | InvalidLine per non-blank line, and hashes the bytes.
+
+    `fingerprint` (sha256 of the file's bytes) is complete once the iteration has finished.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._hash = hashlib.sha256()
+        self._seen_ids: set[str] = set()
+        self.num_lines = 0
+
+    @property
+    def fingerprint(self) -> str:
+        return self._hash.hexdigest()
+
+    def __iter__(self) -> Iterator[ParsedLine | InvalidLine]:
+        try:
+            f = self.path.open("rb")
+        except FileNotFoundError:
+            raise UserError(f"{self.path}: no such file") from None
+        except OSError as e:
+            raise UserError(f"{self.path}: cannot be read ({e.strerror})") from None
+        with f:
+            for line_no, raw in enumerate(f, start=1):
+                self._hash.update(raw)
+                self.num_lines = line_no
+                if raw.strip():
+                    yield self._parse(line_no, raw)
+
+    def _parse(self, line_no: int, raw: bytes) -> ParsedLine | InvalidLine:
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError as e:
+            return InvalidLine(line_no, None, "plain", "invalid_json", f"line is not valid JSON: {e}")
+        fmt: Format = "openai" if isinstance(obj, dict) and _looks_openai(obj) else "plain"
+        rid = _peek_id(obj, fmt)
+        try:
+            parsed = parse_object(obj, line_no)
+        except LineError as e:
+            where = f"field {e.field!r}: " if e.field else ""
+            return InvalidLine(line_no, rid, fmt, e.code, where + str(e))
+        key = parsed.request.id
+        if key in self._seen_ids:
+            name = "custom_id" if fmt == "openai" else "id"
+            message = f"field {name!r}: duplicate id {key!r} (ids must be unique in the file)"
+            return InvalidLine(line_no, key, fmt, "duplicate_id", message)
+        self._seen_ids.add(key)
+        return parsed
+
+
+def _looks_openai(obj: dict[str, Any]) -> bool:
+    return "custom_id" in obj or "body" in obj or "url" in obj
+
+
+def _peek_id(obj: Any, fmt: Format) -> str | None:
+    if not isinstance(obj, dict):
+        return None
+    value = obj.get("custom_id" if fmt == "openai" else "id")
+    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+        return str(value)
+    return None
+
+
+def parse_object(obj: Any, line_no: int) -> ParsedLine:
+    """One decoded JSON line → ParsedLine; raises LineError naming the field at fault."""
+    if not isinstance(obj, dict):
+        raise LineError("invalid_request", None, f"each line must be a JSON object, not {_kind(obj)}")
+    if _looks_openai(obj):
+        return _parse_openai(obj, line_no)
+    return _parse_plain(obj, line_no)
+
+
+def _parse_plain(obj: dict[str, Any], line_no: int) -> ParsedLine:
+    rid = _id_field(obj, "id", default=f"line-{line_no}")
+    endpoint, prompt = _prompt_fields(obj, prefix="")
+    sampling = _sampling(obj, prefix="")
+    return ParsedLine(Request(line_no, rid, "plain", endpoint, sampling), prompt)
+
+
+def _parse_openai(obj: dict[str, Any], line_no: int) -> ParsedLine:
+    rid = _id_field(obj, "custom_id", default=None)
+    method = obj.get("method", "POST")
+    if method != "POST":
+        raise LineError("invalid_value", "method", f"must be \"POST\", not {method!r}")
+    url = obj.get("url")
+    if url not in OPENAI_URLS:
+        supported = ", ".join(OPENAI_URLS)
+        raise LineError("unsupported_url", "url", f"{url!r} is not supported (supported: {supported})")
+    body = obj.get("body")
+    if not isinstance(body, dict):
+        raise LineError("missing_field" if body is None else "invalid_type", "body", "must be a JSON object")
+    endpoint = OPENAI_URLS[url]
+    if body.get("stream"):
+        raise LineError("unsupported_value", "body.stream", "streaming is not supported in a batch")
+    n = body.get("n", 1)
+    if n != 1:
+        raise LineError("unsupported_value", "body.n", f"only n=1 is supported, not {n!r}")
+    key = "messages" if endpoint == "chat" else "prompt"
+    if key not in body:
+        raise LineError("missing_field", f"body.{key}", f"{url} needs {key!r}")
+    _, prompt = _prompt_fields({key: body[key]}, prefix="body.")
+    model = body.get("model")
+    sampling = _sampling(body, prefix="body.")
+    return ParsedLine(Request(line_no, rid, "openai", endpoint, sampling, model if isinstance(model, str) else None),
+                      prompt)
+
+
+def _id_field(obj: dict[str, Any], name: str, *, default: str | None) -> str:
+    value = obj.get(name)
+    if value is None:
+        if default is None:
+            raise LineError("missing_field", name, "is required")
+        return default
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise LineError("invalid_type", name, f"must be a string or an integer, not {_kind(value)}")
+    if isinstance(value, str) and not value:
+        raise LineError("invalid_value", name, "must not be empty")
+    return str(value)
+
+
+def _prompt_fields(obj: dict[str, Any], *, prefix: str) -> tuple[Endpoint, Prompt]:
+    has_prompt, has_messages = "prompt" in obj, "messages" in obj
+    if has_prompt and has_messages:
+        raise LineError("invalid_request", f"{prefix}prompt", "give either 'prompt' or 'messages', not both")
+    if not has_prompt and not has_messages:
+        raise LineError("missing_field", f"{prefix}prompt", "each request needs 'prompt' or 'messages'")
+    if has_prompt:
+        prompt = obj["prompt"]
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]  # OpenAI allows a list of prompts; one is one request
+        if not isinstance(prompt, str):
+            raise LineError("invalid_type", f"{prefix}prompt", f"must be a string, not {_kind(prompt)}")
+        return "completions", prompt
+    return "chat", _messages(obj["messages"], f"{prefix}messages")
+
+
+def _messages(value: Any, name: str) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise LineError("invalid_type", name, "must be a non-empty list of {role, content} objects")
+    messages = []
+    for i, m in enumerate(value):
+        where = f"{name}[{i}]"
+        if not isinstance(m, dict):
+            raise LineError("invalid_type", where, f"must be an object, not {_kind(m)}")
+        role = m.get("role")
+        if role not in ROLES:
+            raise LineError("invalid_value", f"{where}.role", f"must be one of {', '.join(ROLES)}, not {role!r}")
+        if "content" not in m or m["content"] is None:
+            raise LineError("missing_field", f"{where}.content", "every message needs content")
+        messages.append({"role": role, "content": _content_text(m["content"], f"{where}.content")})
+    return messages
+
+
+def _content_text(content: Any, name: str) -> str:
+    if isinstance(content, str):
+        return content
+    # OpenAI's list-of-parts form; only text parts can be fed to a text model.
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        return "".join(str(p.get("text", "")) for p in content)
+    raise LineError("invalid_type", name, "must be a string or a list of text parts")
+
+
+def _sampling(obj: dict[str, Any], *, prefix: str) -> SamplingParams:
+    max_tokens = obj.get("max_tokens", obj.get("max_completion_tokens", defaults.MAX_TOKENS))
+    max_tokens = _int(max_tokens, f"{prefix}max_tokens", low=1)
+    min_tokens = _int(obj.get("min_tokens", 0), f"{prefix}min_tokens", low=0)
+    if min_tokens > max_tokens:
+        raise LineError("invalid_value", f"{prefix}min_tokens", f"{min_tokens} is above max_tokens ({max_tokens})")
+    top_k = _int(obj.get("top_k", defaults.TOP_K), f"{prefix}top_k", low=-1)
+    seed = obj.get("seed")
+    return SamplingParams(
+        max_tokens=max_tokens,
+        min_tokens=min_tokens,
+        temperature=_float(obj.get("temperature", defaults.TEMPERATURE), f"{prefix}temperature", 0.0, 2.0),
+        top_p=_float(obj.get("top_p", defaults.TOP_P), f"{prefix}top_p", 0.0, 1.0, low_open=True),
+        top_k=max(top_k, 0),  # -1 means "off", as in vLLM
+        seed=None if seed is None else _int(seed, f"{prefix}seed", low=-(2**63)),
+        stop=_stop(obj.get("stop"), f"{prefix}stop"),
+    )
+
+
+def _int(value: Any, name: str, *, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise LineError("invalid_type", name, f"must be an integer, not {_kind(value)}")
+    if value < low or value >= 2**63:
+        raise LineError("invalid_value", name, f"{value} is out of range (at least {low})")
+    return value
+
+
+def _float(value: Any, name: str, low: float, high: float, *, low_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise LineError("invalid_type", name, f"must be a number, not {_kind(value)}")
+    if value > high or value < low or (low_open and value == low):
+        interval = f"{'(' if low_open else '['}{low}, {high}]"
+        raise LineError("invalid_value", name, f"{value} is out of range {interval}")
+    return float(value)
+
+
+def _stop(value: Any, name: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise LineError("invalid_type", name, "must be a non-empty string or a list of non-empty strings")
+    return tuple(stops)
+
+
+def _kind(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def file_fingerprint(path: Path) -> str:
+    """sha256 of a file's bytes, as InputReader computes it while reading; UserError when it is missing."""
+    h = hashlib.sha256()
+    try:
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file (the plan was made from it; it must still be there)") from None
+    return h.hexdigest()

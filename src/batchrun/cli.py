@@ -1,0 +1,110 @@
+"""The `batchrun` command line: parses options, calls the library, prints with rich. No logic lives here."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import orjson
+import typer
+from rich.console import Console
+
+from batchrun import defaults
+from batchrun.errors import UserError
+
+app = typer.Typer(
+    help="Offline batch LLM inference over JSONL files, planned globally so shared prompt prefixes are "
+    "computed once. Typical use: `batchrun plan in.jsonl -o job.plan`, then `batchrun run --plan job.plan "
+    "-o out.jsonl`, then `batchrun stats out.jsonl`.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+ModelOption = Annotated[str, typer.Option("--model", "-m", help="A Hugging Face model directory, or the name "
+                                          f"of a built-in model ({defaults.BUILTIN_MODEL}: tiny, random "
+                                          "weights, meaningless text; for demos and tests).")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object (last line of stdout) instead "
+                                          "of tables.")]
+
+
+def user_errors(command: F) -> F:
+    """Turns a UserError into one line on stderr and its exit code: no traceback for a user's mistake."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except UserError as e:
+            err.print(f"[bold red]error:[/] {e}", highlight=False)
+            raise typer.Exit(e.exit_code) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.command()
+@user_errors
+def plan(
+    input: Annotated[Path | None, typer.Argument(help="Input JSONL: one request per line (plain or OpenAI "
+                                                 "batch format).", show_default=False)] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Where to write the plan "
+                                                "[default: INPUT with the suffix .plan].")] = None,
+    model: ModelOption = defaults.BUILTIN_MODEL,
+    kv_budget: Annotated[str, typer.Option(help="KV-cache memory that one batch may hold (e.g. 4GiB, "
+                                           "512MiB); batches are sized by it.")] = defaults.KV_BUDGET,
+    min_prefix_len: Annotated[int, typer.Option(min=1, help="Shortest prefix worth sharing, in tokens.")]
+    = defaults.MIN_PREFIX_LEN,
+    max_levels: Annotated[int, typer.Option(min=1, help="Deepest chain of shared prefixes (system prompt → "
+                                            "document → ...).")] = defaults.MAX_LEVELS,
+    share: Annotated[bool, typer.Option("--share/--no-share", help="Share prefixes (--no-share runs every "
+                                        "request alone: to measure what sharing gains).")] = True,
+    show: Annotated[Path | None, typer.Option("--show", help="Print an existing plan's summary and groups "
+                                              "instead of planning.", show_default=False)] = None,
+    groups: Annotated[int, typer.Option(help="With --show: how many groups to list.")] = 20,
+    json: JsonOption = False,
+) -> None:
+    """Tokenize INPUT, find the prompt prefixes requests share, group and order them, and write a plan."""
+    from batchrun.model.spec import resolve_model
+    from batchrun.plan import build_plan, load_plan, parse_size, save_plan
+    from batchrun.plan_view import plan_summary_json, render_plan_groups, render_plan_summary
+    from batchrun.planner import PlannerConfig
+    from batchrun.tokenizer import load_tokenizer
+
+    if show is not None:
+        shown = load_plan(show)
+        if json:
+            _print_json(plan_summary_json(shown.header))
+            return
+        render_plan_summary(out, shown.header, title=f"plan {show}")
+        render_plan_groups(out, shown, load_tokenizer(resolve_model(shown.header.model_name)), limit=groups)
+        return
+    if input is None:
+        raise UserError("give the INPUT file to plan (or --show PLAN to look at a plan)", exit_code=2)
+    spec = resolve_model(model)
+    config = PlannerConfig(kv_budget_bytes=parse_size(kv_budget), min_prefix_len=min_prefix_len,
+                           max_levels=max_levels, share=share)
+    made = build_plan(input, spec, load_tokenizer(spec), config)
+    target = output or input.with_suffix(".plan")
+    save_plan(made, target)
+    if json:
+        _print_json({**plan_summary_json(made.header), "plan": str(target)})
+    else:
+        render_plan_summary(out, made.header, title=f"plan written to {target}")
+        if made.invalid:
+            first = made.invalid[0]
+            err.print(f"{len(made.invalid)} invalid line(s), kept as error records; the first: "
+                      f"line {first.line}: {first.message}", highlight=False)
+
+
+def _print_json(obj: dict[str, Any]) -> None:
+    sys.stdout.write(orjson.dumps(obj).decode() + "\n")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,69 @@
+"""Tokenizer loading (from the model directory, never downloaded), chat templates, and batched encoding.
+
+Chat messages go through the model's chat template first, so the prefix tree sees the tokens the model sees.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from batchrun.errors import UserError
+from batchrun.model.spec import ModelSpec
+from batchrun.requests import ParsedLine
+
+# Nothing is ever fetched from a hub: a model is a local directory or a built-in name.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+
+
+def load_tokenizer(spec: ModelSpec) -> Any:
+    """The model directory's tokenizer (a transformers fast tokenizer); UserError when it cannot be loaded."""
+    from transformers import AutoTokenizer  # slow import: only when a tokenizer is needed
+
+    try:
+        return AutoTokenizer.from_pretrained(str(spec.path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model {spec.name!r}: its tokenizer cannot be loaded from {spec.path} ({e})") from None
+
+
+class EncodeError(Exception):
+    """A prompt that cannot be encoded (for instance, its messages break the chat template)."""
+
+
+def encode_lines(tokenizer: Any, lines: Sequence[ParsedLine]) -> list[list[int] | EncodeError]:
+    """Token ids for each line, in order; a line whose prompt cannot be encoded gets an EncodeError instead.
+
+    Plain prompts get the tokenizer's special tokens (BOS); chat prompts are rendered by the chat template,
+    which writes its own, then tokenized without adding more. Encoding is batched (the Rust tokenizer).
+    """
+    results: list[list[int] | EncodeError] = [EncodeError("not encoded")] * len(lines)
+    plain: list[tuple[int, str]] = []
+    chat: list[tuple[int, str]] = []
+    for i, parsed in enumerate(lines):
+        if isinstance(parsed.prompt, str):
+            plain.append((i, parsed.prompt))
+        else:
+            rendered = _render_chat(tokenizer, parsed.prompt)
+            if isinstance(rendered, EncodeError):
+                results[i] = rendered
+            else:
+                chat.append((i, rendered))
+    for batch, add_special in ((plain, True), (chat, False)):
+        if batch:
+            encoded = tokenizer([text for _, text in batch], add_special_tokens=add_special)["input_ids"]
+            for (i, _), ids in zip(batch, encoded, strict=True):
+                results[i] = ids
+    return results
+
+
+def _render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str | EncodeError:
+    if not getattr(tokenizer, "chat_template", None):
+        return EncodeError("the model's tokenizer has no chat template: use 'prompt' instead of 'messages'")
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except TemplateError as e:  # templates reject messages with raise_exception(...)
+        return EncodeError(f"the chat template refused these messages: {e}")

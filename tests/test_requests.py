@@ -1,0 +1,132 @@
+"""Input parsing: both formats, every kind of bad line, and that every non-blank line yields exactly one record."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from batchrun.errors import UserError
+from batchrun.requests import InputReader, InvalidLine, ParsedLine, file_fingerprint
+
+
+def read(tmp_path: Path, lines: list[str]) -> list[ParsedLine | InvalidLine]:
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(line + "\n" for line in lines))
+    return list(InputReader(path))
+
+
+def one(tmp_path: Path, obj: object) -> ParsedLine | InvalidLine:
+    (record,) = read(tmp_path, [json.dumps(obj)])
+    return record
+
+
+def test_plain_prompt_with_every_sampling_field(tmp_path: Path) -> None:
+    rec = one(tmp_path, {"id": "a", "prompt": "hi", "max_tokens": 5, "min_tokens": 2, "temperature": 0.5,
+                         "top_p": 0.9, "top_k": 40, "seed": 7, "stop": ["x", "yz"]})
+    assert isinstance(rec, ParsedLine)
+    r, s = rec.request, rec.request.sampling
+    assert (r.id, r.line, r.format, r.endpoint, rec.prompt) == ("a", 1, "plain", "completions", "hi")
+    assert (s.max_tokens, s.min_tokens, s.temperature, s.top_p, s.top_k, s.seed, s.stop) == (
+        5, 2, 0.5, 0.9, 40, 7, ("x", "yz"))
+
+
+def test_plain_messages_defaults_and_integer_id(tmp_path: Path) -> None:
+    rec = one(tmp_path, {"id": 12, "messages": [{"role": "user", "content": "hi"}]})
+    assert isinstance(rec, ParsedLine)
+    assert rec.request.id == "12" and rec.request.endpoint == "chat"
+    assert rec.prompt == [{"role": "user", "content": "hi"}]
+    assert rec.request.sampling.max_tokens == 16 and rec.request.sampling.stop == ()
+
+
+def test_missing_id_gets_line_number(tmp_path: Path) -> None:
+    records = read(tmp_path, ["", json.dumps({"prompt": "x"})])
+    assert len(records) == 1 and records[0].request.id == "line-2"
+
+
+def test_openai_completions_and_chat(tmp_path: Path) -> None:
+    comp = {"custom_id": "c1", "method": "POST", "url": "/v1/completions",
+            "body": {"model": "m", "prompt": "hi", "max_tokens": 3, "temperature": 0}}
+    chat = {"custom_id": "c2", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                     "max_completion_tokens": 4}}
+    a, b = read(tmp_path, [json.dumps(comp), json.dumps(chat)])
+    assert a.request.format == "openai" and a.request.endpoint == "completions" and a.request.model == "m"
+    assert a.request.sampling.max_tokens == 3 and a.request.sampling.is_greedy
+    assert b.request.endpoint == "chat" and b.prompt == [{"role": "user", "content": "hi"}]
+    assert b.request.sampling.max_tokens == 4
+
+
+BAD_LINES = [
+    ('{"id": "x", "prompt": ', "invalid_json", None),
+    ('["not", "an", "object"]', "invalid_request", None),
+    ('"just a string"', "invalid_request", None),
+    ('{"id": "x"}', "missing_field", "prompt"),
+    ('{"id": "x", "prompt": "a", "messages": []}', "invalid_request", "prompt"),
+    ('{"id": "x", "prompt": 3}', "invalid_type", "prompt"),
+    ('{"id": [1], "prompt": "a"}', "invalid_type", "id"),
+    ('{"id": "", "prompt": "a"}', "invalid_value", "id"),
+    ('{"id": "x", "prompt": "a", "max_tokens": 0}', "invalid_value", "max_tokens"),
+    ('{"id": "x", "prompt": "a", "max_tokens": "5"}', "invalid_type", "max_tokens"),
+    ('{"id": "x", "prompt": "a", "max_tokens": true}', "invalid_type", "max_tokens"),
+    ('{"id": "x", "prompt": "a", "max_tokens": 2, "min_tokens": 3}', "invalid_value", "min_tokens"),
+    ('{"id": "x", "prompt": "a", "temperature": 2.5}', "invalid_value", "temperature"),
+    ('{"id": "x", "prompt": "a", "top_p": 0}', "invalid_value", "top_p"),
+    ('{"id": "x", "prompt": "a", "top_k": -2}', "invalid_value", "top_k"),
+    ('{"id": "x", "prompt": "a", "seed": 1.5}', "invalid_type", "seed"),
+    ('{"id": "x", "prompt": "a", "stop": [""]}', "invalid_type", "stop"),
+    ('{"id": "x", "messages": []}', "invalid_type", "messages"),
+    ('{"id": "x", "messages": [{"role": "user"}]}', "missing_field", "messages[0].content"),
+    ('{"id": "x", "messages": [{"role": "wizard", "content": "a"}]}', "invalid_value", "messages[0].role"),
+    ('{"custom_id": "c", "url": "/v1/embeddings", "body": {}}', "unsupported_url", "url"),
+    ('{"custom_id": "c", "method": "GET", "url": "/v1/completions", "body": {}}', "invalid_value", "method"),
+    ('{"custom_id": "c", "url": "/v1/completions"}', "missing_field", "body"),
+    ('{"url": "/v1/completions", "body": {"prompt": "a"}}', "missing_field", "custom_id"),
+    ('{"custom_id": "c", "url": "/v1/completions", "body": {"messages": []}}', "missing_field", "body.prompt"),
+    ('{"custom_id": "c", "url": "/v1/chat/completions", "body": {"stream": true, "messages": '
+     '[{"role": "user", "content": "a"}]}}', "unsupported_value", "body.stream"),
+    ('{"custom_id": "c", "url": "/v1/completions", "body": {"prompt": "a", "n": 2}}', "unsupported_value",
+     "body.n"),
+]
+
+
+@pytest.mark.parametrize(("line", "code", "field"), BAD_LINES)
+def test_bad_line_names_line_code_and_field(tmp_path: Path, line: str, code: str, field: str | None) -> None:
+    records = read(tmp_path, ['{"id": "good", "prompt": "fine"}', line])
+    assert isinstance(records[0], ParsedLine)
+    bad = records[1]
+    assert isinstance(bad, InvalidLine), bad
+    assert (bad.line, bad.code) == (2, code)
+    if field is not None:
+        assert f"field {field!r}" in bad.message, bad.message
+
+
+def test_bad_line_keeps_its_id_and_format(tmp_path: Path) -> None:
+    bad = one(tmp_path, {"custom_id": "c9", "url": "/v1/nope", "body": {}})
+    assert isinstance(bad, InvalidLine) and (bad.id, bad.format) == ("c9", "openai")
+
+
+def test_duplicate_id_is_an_error_on_the_second_line_only(tmp_path: Path) -> None:
+    first, second = read(tmp_path, ['{"id": "a", "prompt": "x"}', '{"id": "a", "prompt": "y"}'])
+    assert isinstance(first, ParsedLine)
+    assert isinstance(second, InvalidLine) and second.code == "duplicate_id" and second.line == 2
+
+
+def test_every_nonblank_line_gives_one_record_and_blank_lines_none(tmp_path: Path) -> None:
+    lines = ['{"id": "a", "prompt": "x"}', "", "   ", "garbage", '{"id": "b", "prompt": "y"}', "\t"]
+    records = read(tmp_path, lines)
+    assert [r.line if isinstance(r, InvalidLine) else r.request.line for r in records] == [1, 4, 5]
+
+
+def test_fingerprint_matches_file_hash(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"prompt": "x"}\n\n')
+    reader = InputReader(path)
+    list(reader)
+    assert reader.fingerprint == file_fingerprint(path)
+
+
+def test_missing_file_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="no such file"):
+        list(InputReader(tmp_path / "absent.jsonl"))
