@@ -74,11 +74,17 @@ class ModelConfig:
                 f"model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
             )
         try:
+            _check_features(raw, model_type)
             num_heads = int(raw["num_attention_heads"])
             hidden = int(raw["hidden_size"])
             eos = raw.get("eos_token_id")
-            eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else []))
+            eos_list = eos if isinstance(eos, list) else [] if eos is None else [eos]
+            eos_ids = tuple(int(e) for e in eos_list)
             cfg_dtype = dtype or _dtype_name(raw.get("torch_dtype") or raw.get("dtype") or "float32")
+            max_pos = int(raw.get("max_position_embeddings", 2048))
+            # transformers 5 writes `rope_parameters` (rope_theta inside it); older configs a top-level
+            # `rope_theta` plus an optional `rope_scaling`. As in transformers, rope_parameters wins.
+            rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
             return cls(
                 model_type=model_type,
                 vocab_size=int(raw["vocab_size"]),
@@ -88,12 +94,12 @@ class ModelConfig:
                 num_heads=num_heads,
                 num_kv_heads=int(raw.get("num_key_value_heads") or num_heads),
                 head_dim=int(raw.get("head_dim") or hidden // num_heads),
-                max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+                max_position_embeddings=max_pos,
                 rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(raw.get("rope_theta", 10000.0)),
-                rope_scaling=_rope_scaling(raw.get("rope_scaling") or raw.get("rope_parameters")),
+                rope_theta=float(rope.get("rope_theta") or raw.get("rope_theta") or 10000.0),
+                rope_scaling=_rope_scaling(rope, max_pos),
                 tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-                attention_bias=bool(raw.get("attention_bias", model_type == "qwen2")),
+                attention_bias=_attention_bias(raw, model_type),
                 bos_token_id=raw.get("bos_token_id"),
                 eos_token_ids=eos_ids,
                 dtype=cfg_dtype,
@@ -106,16 +112,20 @@ class ModelConfig:
 
 def _dtype_name(name: str) -> str:
     name = str(name).removeprefix("torch.")
-    aliases = {"float": "float32", "fp32": "float32", "bf16": "bfloat16", "half": "float16", "fp16": "float16"}
+    aliases = {
+        "float": "float32",
+        "fp32": "float32",
+        "bf16": "bfloat16",
+        "half": "float16",
+        "fp16": "float16",
+    }
     name = aliases.get(name, name)
     if name not in DTYPES:
         raise ModelConfigError(f"dtype {name!r} is not supported (use one of {', '.join(DTYPES)})")
     return name
 
 
-def _rope_scaling(raw: dict[str, Any] | None) -> RopeScaling | None:
-    if not raw:
-        return None
+def _rope_scaling(raw: dict[str, Any], max_position_embeddings: int) -> RopeScaling | None:
     rope_type = raw.get("rope_type") or raw.get("type") or "default"
     if rope_type == "default":
         return None
@@ -125,5 +135,40 @@ def _rope_scaling(raw: dict[str, Any] | None) -> RopeScaling | None:
         factor=float(raw["factor"]),
         low_freq_factor=float(raw["low_freq_factor"]),
         high_freq_factor=float(raw["high_freq_factor"]),
-        original_max_position_embeddings=int(raw["original_max_position_embeddings"]),
+        # transformers falls back to max_position_embeddings when the field is absent; so do we.
+        original_max_position_embeddings=int(
+            raw.get("original_max_position_embeddings", max_position_embeddings)
+        ),
     )
+
+
+def _attention_bias(raw: dict[str, Any], model_type: str) -> bool:
+    # Qwen2 always has q/k/v biases and Mistral never has any, whatever the config says; Llama follows
+    # `attention_bias` (which then also covers o_proj).
+    if model_type == "qwen2":
+        return True
+    if model_type == "mistral":
+        return False
+    return bool(raw.get("attention_bias", False))
+
+
+def _check_features(raw: dict[str, Any], model_type: str) -> None:
+    """Refuses configs that ask for something the forward pass does not implement, naming the field."""
+    act = raw.get("hidden_act", "silu")
+    if act != "silu":
+        raise ModelConfigError(f"hidden_act {act!r} is not supported (supported: silu)")
+    if raw.get("mlp_bias"):
+        raise ModelConfigError("mlp_bias true is not supported")
+    rope = raw.get("rope_parameters") or {}
+    if raw.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ModelConfigError("partial_rotary_factor other than 1.0 is not supported")
+    # Sliding-window attention is not implemented; a window at least as long as the longest sequence the
+    # model accepts never masks anything, so only a shorter one is refused.
+    window = raw.get("sliding_window")
+    uses_window = model_type == "mistral" or (model_type == "qwen2" and raw.get("use_sliding_window"))
+    max_pos = int(raw.get("max_position_embeddings", 2048))
+    if uses_window and window is not None and int(window) < max_pos:
+        raise ModelConfigError(
+            f"sliding_window {window} is smaller than max_position_embeddings {max_pos}: "
+            "sliding-window attention is not supported"
+        )
