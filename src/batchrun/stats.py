@@ -1,0 +1,558 @@
+"""Run metrics (a JSONL file beside the output, one segment per run) and the throughput report built on them.
+
+MetricsRecorder is what the engine writes to; load_report, report_json, render_report and plot_report are
+what `batchrun stats` calls. No torch here; matplotlib is imported only when plotting.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+import numpy as np
+import orjson
+from rich.console import Console
+from rich.table import Table
+
+from batchrun.errors import UserError
+from batchrun.output import iter_jsonl, repair_torn_tail
+from batchrun.planfile import MAGIC as PLAN_MAGIC
+
+METRICS_SUFFIX = ".metrics.jsonl"
+# Steps are buffered and written in one call every STEP_FLUSH_STEPS steps or STEP_FLUSH_INTERVAL_S seconds:
+# a write per step would cost more than a small model's decode step, and a kill loses at most that much.
+STEP_FLUSH_STEPS = 256
+STEP_FLUSH_INTERVAL_S = 2.0
+STEP_FIELDS = ("t", "seconds", "num_running", "num_decode_tokens", "num_prefill_tokens", "kv_bytes")
+SUMMARY_FIELDS = ("wall_seconds", "prompt_tokens", "computed_prompt_tokens", "output_tokens", "peak_kv_bytes")
+_NUM_WINDOWS = 10  # rows of the "over time" table
+_NUM_PLOT_BINS = 60
+
+
+def metrics_path_for(output_path: str | os.PathLike[str]) -> Path:
+    """`out.jsonl` → `out.jsonl.metrics.jsonl`."""
+    return Path(str(output_path) + METRICS_SUFFIX)
+
+
+def output_path_for(metrics_path: str | os.PathLike[str]) -> Path:
+    s = str(metrics_path)
+    assert s.endswith(METRICS_SUFFIX), s
+    return Path(s[: -len(METRICS_SUFFIX)])
+
+
+# --- recording -----------------------------------------------------------------------------------------------
+
+
+class MetricsRecorder:
+    """Appends one run segment to the metrics file: a "run" record now, "step" records in batches, and a
+    "summary" record at `close`. A run that dies (kill, exception) leaves a segment without a summary; the
+    report then derives its numbers from the steps.
+
+    `run_info` goes into the run record as is (JSON values). The report reads these keys when present:
+    `plan_fingerprint`, `kv_budget_bytes`, `device`, `model`, `dtype`, `errors_path` (the `--errors` file,
+    so the report counts its lines).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, run_info: dict[str, Any]) -> None:
+        assert not {"type", "time"} & run_info.keys(), "run_info may not set 'type' or 'time'"
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # A kill mid-flush in an earlier segment leaves a torn line; appending after it would merge two lines.
+        repair_torn_tail(self.path)
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._start = time.perf_counter()
+        self._last_flush = self._start
+        self._buffer: list[bytes] = []
+        self._append([orjson.dumps({"type": "run", "time": time.time(), **run_info})])
+
+    def record_step(self, *, seconds: float, num_running: int, num_decode_tokens: int,
+                    num_prefill_tokens: int, kv_bytes: int) -> None:
+        now = time.perf_counter()
+        self._buffer.append(orjson.dumps({
+            "type": "step", "t": round(now - self._start, 6), "seconds": round(seconds, 6),
+            "num_running": num_running, "num_decode_tokens": num_decode_tokens,
+            "num_prefill_tokens": num_prefill_tokens, "kv_bytes": kv_bytes,
+        }))
+        if len(self._buffer) >= STEP_FLUSH_STEPS or now - self._last_flush >= STEP_FLUSH_INTERVAL_S:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._buffer:
+            self._append(self._buffer)
+            self._buffer = []
+        self._last_flush = time.perf_counter()
+
+    def close(self, *, wall_seconds: float, prompt_tokens: int, computed_prompt_tokens: int,
+              output_tokens: int, peak_kv_bytes: int) -> None:
+        """Ends the segment with its summary. `wall_seconds` is generation time (first step to last), not
+        model loading; token counts are those of this segment."""
+        assert self._fd is not None, "MetricsRecorder closed twice"
+        self._buffer.append(orjson.dumps({
+            "type": "summary", "time": time.time(), "wall_seconds": round(wall_seconds, 6),
+            "prompt_tokens": prompt_tokens, "computed_prompt_tokens": computed_prompt_tokens,
+            "output_tokens": output_tokens, "peak_kv_bytes": peak_kv_bytes,
+        }))
+        self._finish()
+
+    def _finish(self) -> None:
+        self.flush()
+        assert self._fd is not None
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = None
+
+    def _append(self, records: list[bytes]) -> None:
+        assert self._fd is not None, "MetricsRecorder is closed"
+        data = memoryview(b"".join(r + b"\n" for r in records))
+        while data:
+            data = data[os.write(self._fd, data):]
+
+    def __enter__(self) -> MetricsRecorder:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        # Without close() (an exception, Ctrl-C) the steps are kept and the segment reads as killed.
+        if self._fd is not None:
+            self._finish()
+
+
+# --- loading -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Steps:
+    """Per-step series; `t` is seconds from the start of the segment (or of the run, once concatenated)."""
+
+    t: np.ndarray  # float64[S], at the end of each step
+    seconds: np.ndarray  # float64[S]
+    num_running: np.ndarray  # int64[S]
+    num_decode_tokens: np.ndarray  # int64[S]
+    num_prefill_tokens: np.ndarray  # int64[S]
+    kv_bytes: np.ndarray  # int64[S]
+
+    @staticmethod
+    def from_rows(rows: list[tuple[float, float, int, int, int, int]]) -> Steps:
+        a = np.array(rows, dtype=np.float64).reshape(-1, len(STEP_FIELDS))
+        ints = a[:, 2:].astype(np.int64)
+        return Steps(a[:, 0], a[:, 1], ints[:, 0], ints[:, 1], ints[:, 2], ints[:, 3])
+
+    @staticmethod
+    def concat(parts: Sequence[Steps], offsets: Sequence[float]) -> Steps:
+        if not parts:
+            return Steps.from_rows([])
+        cat = lambda name: np.concatenate([getattr(p, name) for p in parts])
+        t = np.concatenate([p.t + off for p, off in zip(parts, offsets, strict=True)])
+        return Steps(t, cat("seconds"), cat("num_running"), cat("num_decode_tokens"),
+                     cat("num_prefill_tokens"), cat("kv_bytes"))
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+    def split_seconds(self) -> tuple[float, float]:
+        """(prefill, decode) seconds: each step's time is split in proportion to its prefill and decode
+        tokens. The matrix products dominate a step and scale with its token count, so this is close for
+        mixed steps; decode tokens also read their KV, so decode's share is slightly understated."""
+        tokens = self.num_prefill_tokens + self.num_decode_tokens
+        share = np.divide(self.num_prefill_tokens, tokens, out=np.zeros(len(self)), where=tokens > 0)
+        busy = np.where(tokens > 0, self.seconds, 0.0)
+        return float((busy * share).sum()), float((busy * (1 - share)).sum())
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One `batchrun run` invocation. Without a summary (killed), wall time is its last step's `t`, computed
+    prompt tokens the sum of its prefill tokens and output tokens the sum of its decode tokens (a lower
+    bound: each request's first token is sampled from its prefill step)."""
+
+    run_info: dict[str, Any]
+    steps: Steps
+    summary: dict[str, Any] | None
+
+    @property
+    def is_killed(self) -> bool:
+        return self.summary is None
+
+    @property
+    def wall_seconds(self) -> float:
+        if self.summary is not None:
+            return float(self.summary["wall_seconds"])
+        return float(self.steps.t[-1]) if len(self.steps) else 0.0
+
+    @property
+    def computed_prompt_tokens(self) -> int:
+        if self.summary is not None:
+            return int(self.summary["computed_prompt_tokens"])
+        return int(self.steps.num_prefill_tokens.sum())
+
+    @property
+    def output_tokens(self) -> int:
+        if self.summary is not None:
+            return int(self.summary["output_tokens"])
+        return int(self.steps.num_decode_tokens.sum())
+
+    @property
+    def peak_kv_bytes(self) -> int:
+        peak = int(self.steps.kv_bytes.max()) if len(self.steps) else 0
+        return max(peak, int(self.summary["peak_kv_bytes"])) if self.summary is not None else peak
+
+
+@dataclass(frozen=True)
+class Report:
+    """A run's numbers: requests and their tokens from the output (each request once, whatever the number
+    of segments), time and computed tokens from every metrics segment (killed ones included)."""
+
+    name: str
+    output_path: Path
+    metrics_path: Path
+    requests: int  # success lines
+    failed: int  # error lines (output and errors file)
+    prompt_tokens: int  # of the successful requests
+    output_tokens: int  # of the successful requests
+    segments: tuple[Segment, ...]
+    steps: Steps = field(repr=False)  # all segments', `t` from the start of the first
+
+    @property
+    def computed_prompt_tokens(self) -> int:
+        return sum(s.computed_prompt_tokens for s in self.segments)
+
+    @property
+    def wall_seconds(self) -> float:
+        return sum(s.wall_seconds for s in self.segments)
+
+    @property
+    def saved_prompt_share(self) -> float:
+        """Share of the prompt tokens that sharing did not compute (negative when killed work was redone)."""
+        return 1 - self.computed_prompt_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.output_tokens / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        wall = self.wall_seconds
+        return (self.prompt_tokens + self.output_tokens) / wall if wall > 0 else 0.0
+
+    @property
+    def peak_kv_bytes(self) -> int:
+        return max((s.peak_kv_bytes for s in self.segments), default=0)
+
+    @property
+    def kv_budget_bytes(self) -> int | None:
+        budget = self.segments[-1].run_info.get("kv_budget_bytes") if self.segments else None
+        return int(budget) if budget is not None else None
+
+    @property
+    def num_killed_segments(self) -> int:
+        return sum(s.is_killed for s in self.segments)
+
+
+def load_report(path: str | os.PathLike[str], *, errors_path: str | os.PathLike[str] | None = None,
+                name: str | None = None) -> Report:
+    """The report for an output file or its metrics file. The errors file is found from the run records
+    (`errors_path` in run_info) unless given. Raises UserError for a missing or corrupt file."""
+    path = Path(path)
+    if str(path).endswith(METRICS_SUFFIX):
+        metrics_path, output_path = path, output_path_for(path)
+    else:
+        metrics_path, output_path = metrics_path_for(path), path
+    if not metrics_path.is_file():
+        raise UserError(f"no metrics file {metrics_path} (`batchrun run` writes it beside its output)")
+    if not output_path.is_file():
+        raise UserError(f"no output file {output_path} beside the metrics file {metrics_path}")
+    segments = _load_segments(metrics_path)
+    error_files = {Path(errors_path)} if errors_path is not None else {
+        Path(p) for s in segments if (p := s.run_info.get("errors_path"))
+    }
+    requests, failed, prompt_tokens, output_tokens = _count_output(output_path)
+    for ef in error_files:
+        if ef.is_file() and ef.resolve() != output_path.resolve():
+            failed += _count_output(ef)[1]
+    offsets = np.cumsum([0.0] + [s.wall_seconds for s in segments[:-1]])
+    return Report(
+        name=name or output_path.name, output_path=output_path, metrics_path=metrics_path,
+        requests=requests, failed=failed, prompt_tokens=prompt_tokens, output_tokens=output_tokens,
+        segments=tuple(segments), steps=Steps.concat([s.steps for s in segments], list(offsets)),
+    )
+
+
+def _load_segments(path: Path) -> list[Segment]:
+    segments: list[Segment] = []
+    run: dict[str, Any] | None = None
+    rows: list[tuple[float, float, int, int, int, int]] = []
+    summary: dict[str, Any] | None = None
+
+    def close_segment() -> None:
+        if run is not None:
+            segments.append(Segment(run_info=run, steps=Steps.from_rows(rows), summary=summary))
+
+    for line_no, rec in iter_jsonl(path, allow_torn_tail=True):
+        kind = rec.get("type")
+        where = f"metrics file {path}:{line_no}"
+        if kind == "run":
+            close_segment()
+            run = {k: v for k, v in rec.items() if k != "type"}
+            rows, summary = [], None
+        elif kind in ("step", "summary"):
+            if run is None:
+                raise UserError(f"{where}: a {kind!r} record before any 'run' record")
+            if summary is not None:
+                raise UserError(f"{where}: a {kind!r} record after the segment's summary")
+            if kind == "step":
+                rows.append(tuple(_number(rec, k, where) for k in STEP_FIELDS))  # type: ignore[arg-type]
+            else:
+                summary = {k: _number(rec, k, where) for k in SUMMARY_FIELDS}
+        else:
+            raise UserError(f"{where}: unknown record type {kind!r} (expected run, step or summary)")
+    close_segment()
+    if not segments:
+        raise UserError(f"metrics file {path} has no 'run' record: it is empty or not a batchrun metrics file")
+    return segments
+
+
+def _number(rec: dict[str, Any], key: str, where: str) -> float:
+    value = rec.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{where}: field {key!r} is {'missing' if value is None else 'not a number'}")
+    return value
+
+
+def _count_output(path: Path) -> tuple[int, int, int, int]:
+    """(successes, errors, prompt tokens, completion tokens) of an output or errors file."""
+    ok = failed = prompt = completion = 0
+    for line_no, obj in iter_jsonl(path, allow_torn_tail=True):
+        if obj.get("error") is not None:
+            failed += 1
+            continue
+        response = obj.get("response")
+        usage = response.get("body", {}).get("usage") if isinstance(response, dict) else obj.get("usage")
+        if not isinstance(usage, dict):
+            raise UserError(f"{path}:{line_no}: a result line without 'usage': not a batchrun output file")
+        ok += 1
+        prompt += int(usage.get("prompt_tokens", 0))
+        completion += int(usage.get("completion_tokens", 0))
+    return ok, failed, prompt, completion
+
+
+StatsKind = Literal["output", "metrics", "plan"]
+
+
+def stats_target_kind(path: str | os.PathLike[str]) -> StatsKind:
+    """What `batchrun stats PATH` was given: a plan (its magic bytes), a metrics file (its name), else an
+    output file. "plan" is the hook for `batchrun stats PLAN`: the CLI hands it to plan.py's summary; this
+    module does not read plans."""
+    path = Path(path)
+    if str(path).endswith(METRICS_SUFFIX):
+        return "metrics"
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(PLAN_MAGIC)) == PLAN_MAGIC:
+                return "plan"
+    except OSError:
+        pass  # missing or unreadable: load_report says so, naming the file
+    return "output"
+
+
+def check_same_plan(output_path: str | os.PathLike[str], plan_fingerprint: str) -> None:
+    """Refuses to resume an output that earlier segments wrote from another plan (their `plan_fingerprint`
+    in run_info differs): resume matches records by id and line, which only holds for the same plan."""
+    metrics_path = metrics_path_for(output_path)
+    if not metrics_path.is_file():
+        return
+    for seg in _load_segments(metrics_path):
+        earlier = seg.run_info.get("plan_fingerprint")
+        if earlier is not None and earlier != plan_fingerprint:
+            raise UserError(
+                f"{output_path} was written from another plan (fingerprint {earlier}, this plan "
+                f"{plan_fingerprint}): choose another output file or remove it and its {metrics_path.name}"
+            )
+
+
+# --- report as JSON and tables ------------------------------------------------------------------------------
+
+
+def report_json(report: Report) -> dict[str, Any]:
+    prefill_s, decode_s = report.steps.split_seconds()
+    budget = report.kv_budget_bytes
+    steps = report.steps
+    return {
+        "name": report.name,
+        "output_path": str(report.output_path),
+        "metrics_path": str(report.metrics_path),
+        "requests": report.requests,
+        "failed": report.failed,
+        "prompt_tokens": report.prompt_tokens,
+        "computed_prompt_tokens": report.computed_prompt_tokens,
+        "saved_prompt_share": report.saved_prompt_share,
+        "output_tokens": report.output_tokens,
+        "wall_seconds": report.wall_seconds,
+        "prefill_seconds": prefill_s,
+        "decode_seconds": decode_s,
+        "other_seconds": max(0.0, report.wall_seconds - prefill_s - decode_s),
+        "output_tokens_per_s": report.output_tokens_per_s,
+        "tokens_per_s": report.tokens_per_s,
+        "peak_kv_bytes": report.peak_kv_bytes,
+        "kv_budget_bytes": budget,
+        "peak_kv_share": report.peak_kv_bytes / budget if budget else None,
+        "num_segments": len(report.segments),
+        "num_killed_segments": report.num_killed_segments,
+        "num_steps": len(steps),
+        "mean_batch_size": float(steps.num_running.mean()) if len(steps) else 0.0,
+        "max_batch_size": int(steps.num_running.max()) if len(steps) else 0,
+        "mean_tokens_per_step": (
+            float((steps.num_decode_tokens + steps.num_prefill_tokens).mean()) if len(steps) else 0.0
+        ),
+    }
+
+
+def render_report(console: Console, reports: Report | Sequence[Report]) -> None:
+    """One report: its summary and its course over time. Several: side by side, with ratios to the first."""
+    if isinstance(reports, Report):
+        reports = [reports]
+    if len(reports) == 1:
+        console.print(_summary_table(reports[0]))
+        if len(reports[0].steps):
+            console.print(_over_time_table(reports[0]))
+    else:
+        console.print(_comparison_table(reports))
+
+
+# (label, report_json key, format) of the report tables
+_ROWS: tuple[tuple[str, str, str], ...] = (
+    ("requests", "requests", "{:,}"),
+    ("failed", "failed", "{:,}"),
+    ("prompt tokens", "prompt_tokens", "{:,}"),
+    ("computed prompt tokens", "computed_prompt_tokens", "{:,}"),
+    ("saved by sharing", "saved_prompt_share", "{:.1%}"),
+    ("output tokens", "output_tokens", "{:,}"),
+    ("wall seconds", "wall_seconds", "{:.2f}"),
+    ("  prefill seconds", "prefill_seconds", "{:.2f}"),
+    ("  decode seconds", "decode_seconds", "{:.2f}"),
+    ("  other seconds", "other_seconds", "{:.2f}"),
+    ("output tokens/s", "output_tokens_per_s", "{:,.1f}"),
+    ("total tokens/s", "tokens_per_s", "{:,.1f}"),
+    ("peak KV", "peak_kv_bytes", "bytes"),
+    ("mean batch size", "mean_batch_size", "{:.1f}"),
+    ("mean tokens/step", "mean_tokens_per_step", "{:.1f}"),
+    ("steps", "num_steps", "{:,}"),
+)
+
+
+def _fmt(value: Any, fmt: str) -> str:
+    if value is None:
+        return "-"
+    return _human_bytes(value) if fmt == "bytes" else fmt.format(value)
+
+
+def _summary_table(report: Report) -> Table:
+    data = report_json(report)
+    table = Table(title=f"batchrun stats: {report.name}", show_header=False)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for label, key, fmt in _ROWS:
+        table.add_row(label, _fmt(data[key], fmt))
+    if data["kv_budget_bytes"]:
+        table.add_row("KV budget", f"{_human_bytes(data['kv_budget_bytes'])} (peak {data['peak_kv_share']:.0%})")
+    if data["num_killed_segments"] or data["num_segments"] > 1:
+        table.add_row("run segments", f"{data['num_segments']} ({data['num_killed_segments']} killed)")
+    return table
+
+
+def _over_time_table(report: Report) -> Table:
+    steps = report.steps
+    table = Table(title="over time")
+    for name in ("from s", "to s", "steps", "mean batch", "tokens/step", "prefill tok", "output tok/s", "peak KV"):
+        table.add_column(name, justify="right")
+    edges = np.linspace(0.0, float(steps.t[-1]), _NUM_WINDOWS + 1)
+    tf = "{:.1f}" if edges[-1] >= 10 else "{:.2f}"
+    which = np.clip(np.searchsorted(edges, steps.t, side="left") - 1, 0, _NUM_WINDOWS - 1)
+    for w in range(_NUM_WINDOWS):
+        sel = which == w
+        if not sel.any():
+            continue
+        span = max(edges[w + 1] - edges[w], 1e-9)
+        tokens = steps.num_decode_tokens[sel] + steps.num_prefill_tokens[sel]
+        table.add_row(
+            tf.format(edges[w]), tf.format(edges[w + 1]), f"{int(sel.sum()):,}",
+            f"{steps.num_running[sel].mean():.1f}", f"{tokens.mean():.1f}",
+            f"{int(steps.num_prefill_tokens[sel].sum()):,}",
+            f"{steps.num_decode_tokens[sel].sum() / span:,.1f}", _human_bytes(int(steps.kv_bytes[sel].max())),
+        )
+    return table
+
+
+def _comparison_table(reports: Sequence[Report]) -> Table:
+    data = [report_json(r) for r in reports]
+    table = Table(title="batchrun stats (ratios against the first)")
+    table.add_column("metric")
+    for r in reports:
+        table.add_column(r.name, justify="right")
+    for label, key, fmt in _ROWS:
+        base = data[0][key]
+        cells = [_fmt(data[0][key], fmt)]
+        for d in data[1:]:
+            ratio = f" ({d[key] / base:.2f}x)" if d[key] is not None and base else ""
+            cells.append(_fmt(d[key], fmt) + ("" if key == "saved_prompt_share" else ratio))
+        table.add_row(label, *cells)
+    return table
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+# --- plot ----------------------------------------------------------------------------------------------------
+
+
+def plot_report(reports: Report | Sequence[Report], path: str | os.PathLike[str]) -> Path:
+    """A PNG: output tokens/s and batch size over the run, and each run's prefill/decode/other time."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UserError("plotting needs matplotlib: pip install matplotlib") from None
+    if isinstance(reports, Report):
+        reports = [reports]
+    # Figure + the Agg canvas directly: no pyplot, so no global backend or figure state is touched.
+    fig = Figure(figsize=(10, 9), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_tput, ax_batch, ax_split = fig.subplots(3, 1)
+    for r in reports:
+        steps = r.steps
+        if len(steps):
+            centers, rate = _binned_rate(steps)
+            ax_tput.plot(centers, rate, label=r.name)
+            ax_batch.step(steps.t, steps.num_running, where="post", label=r.name)
+    ax_tput.set(title="output tokens/s", xlabel="seconds", ylabel="tokens/s")
+    ax_batch.set(title="batch size (running requests)", xlabel="seconds", ylabel="requests")
+    names = [r.name for r in reports]
+    split = np.array([[report_json(r)[k] for k in ("prefill_seconds", "decode_seconds", "other_seconds")]
+                      for r in reports])
+    left = np.zeros(len(reports))
+    for i, (label, color) in enumerate((("prefill", "tab:orange"), ("decode", "tab:blue"), ("other", "0.7"))):
+        ax_split.barh(names, split[:, i], left=left, label=label, color=color)
+        left += split[:, i]
+    ax_split.set(title="wall time split", xlabel="seconds")
+    for ax in (ax_tput, ax_batch, ax_split):
+        ax.legend(loc="best", fontsize="small")
+    path = Path(path)
+    fig.savefig(path, format="png")
+    return path
+
+
+def _binned_rate(steps: Steps) -> tuple[np.ndarray, np.ndarray]:
+    """Output tokens per second in equal time bins (per-step rates are too noisy to read)."""
+    end = max(float(steps.t[-1]), 1e-9)
+    edges = np.linspace(0.0, end, min(_NUM_PLOT_BINS, len(steps)) + 1)
+    tokens, _ = np.histogram(steps.t, bins=edges, weights=steps.num_decode_tokens)
+    return (edges[:-1] + edges[1:]) / 2, tokens / np.diff(edges)
