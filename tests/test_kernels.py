@@ -1,0 +1,294 @@
+"""Triton cascade kernels (batchrun.kernels) against a float64 reference: attention over [prefix ‖ own] with
+the explicit mask. Compiled on CUDA when present, else in Triton's CPU interpreter (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRET else "cuda"
+if not INTERPRET and not torch.cuda.is_available():
+    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+from batchrun.kernels import merge_state, merge_state_into, own_attention, prefix_attention  # noqa: E402
+from batchrun.kernels.cascade import LaunchConfig, run_own_attention, run_prefix_attention  # noqa: E402
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 3e-2}
+NUM_KV_HEADS = 2
+# Small tiles, so that small shapes cross tile and block boundaries.
+SMALL = LaunchConfig(block_m=16, block_n=16, num_splits=1)
+
+# The edge-case batch: prefix lengths per group, then (group or None, q_len, own_len) per sequence, with the
+# members of a group adjacent. BLOCK_N is 16 in SMALL.
+PREFIX_LENS = [37, 7, 0, 16]
+SEQS = [
+    (0, 1, 1),  # decode, own length 1
+    (0, 1, 16),  # decode, own length at a block boundary
+    (0, 12, 12),  # whole-suffix prefill mixed with decodes: group 0 has 19 tokens, > one 16-row tile
+    (0, 5, 20),  # chunked prefill: 15 own keys came before this chunk
+    (1, 1, 17),  # group of one, prefix shorter than a block
+    (2, 2, 3),  # a segment without keys
+    (3, 1, 0),  # own length 0, prefix exactly one block
+    (None, 1, 33),  # no prefix
+    (None, 3, 3),
+]
+
+
+@dataclass
+class Batch:
+    """A ragged batch in a shuffled KV pool, with the metadata of every kernel and the reference's inputs."""
+
+    q: torch.Tensor  # [N, Hq, D]
+    k_cache: torch.Tensor  # [num_slots, Hkv, D]
+    v_cache: torch.Tensor
+    sm_scale: float
+    prefix: dict[str, torch.Tensor]  # prefix_attention metadata
+    own: dict[str, torch.Tensor]  # own_attention metadata (own keys only)
+    full: dict[str, torch.Tensor]  # own_attention metadata over [prefix ‖ own]
+    prefix_rows: torch.Tensor  # q row of each prefix_attention output row
+    seqs: list[tuple[int, int, torch.Tensor, int]]  # (q_start, q_len, [prefix ‖ own] slots, prefix_len)
+
+
+def _index(values: list[int]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32, device=DEVICE)
+
+
+def make_batch(
+    prefix_lens: list[int], seqs: list[tuple[int | None, int, int]], *, group: int, head_dim: int,
+    dtype: torch.dtype, seed: int = 0,
+) -> Batch:
+    gen = torch.Generator().manual_seed(seed)
+    num_slots = sum(prefix_lens) + sum(own for _, _, own in seqs) + 5
+    perm = torch.randperm(num_slots, generator=gen)  # scattered slots exercise the indirection
+    taken = 0
+
+    def take(n: int) -> torch.Tensor:
+        nonlocal taken
+        taken += n
+        return perm[taken - n : taken]
+
+    prefix_slots = [take(n) for n in prefix_lens]
+    num_rows = sum(q_len for _, q_len, _ in seqs)
+    shape = (num_slots, NUM_KV_HEADS, head_dim)
+    k_cache, v_cache = (torch.randn(shape, generator=gen).to(dtype).to(DEVICE) for _ in range(2))
+    q = torch.randn((num_rows, NUM_KV_HEADS * group, head_dim), generator=gen).to(dtype).to(DEVICE)
+
+    q_start = 0
+    own_slots, full_slots, out_seqs, seg_rows = [], [], [], {}
+    for g, q_len, own_len in seqs:
+        mine = take(own_len)
+        shared = prefix_slots[g] if g is not None else perm[:0]
+        own_slots.append(mine)
+        full_slots.append(torch.cat([shared, mine]))
+        out_seqs.append((q_start, q_len, full_slots[-1], len(shared)))
+        if g is not None:
+            seg_rows.setdefault(g, []).extend(range(q_start, q_start + q_len))
+        q_start += q_len
+    for rows in seg_rows.values():
+        assert rows == list(range(rows[0], rows[-1] + 1)), "a group's members must be adjacent"
+
+    def ragged(parts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        indptr = [0]
+        for p in parts:
+            indptr.append(indptr[-1] + len(p))
+        return _index(torch.cat([perm[:0], *parts]).tolist()), _index(indptr)
+
+    q_indptr = _index([0, *[sum(n for _, n, _ in seqs[: i + 1]) for i in range(len(seqs))]])
+    groups = sorted(seg_rows)
+    kv_indices, kv_indptr = ragged([prefix_slots[g] for g in groups])
+    prefix = dict(
+        q_start=_index([seg_rows[g][0] for g in groups]), q_len=_index([len(seg_rows[g]) for g in groups]),
+        kv_indices=kv_indices, kv_indptr=kv_indptr,
+    )
+    kv_indices, kv_indptr = ragged(own_slots)
+    own = dict(q_indptr=q_indptr, kv_indices=kv_indices, kv_indptr=kv_indptr)
+    kv_indices, kv_indptr = ragged(full_slots)
+    full = dict(q_indptr=q_indptr, kv_indices=kv_indices, kv_indptr=kv_indptr)
+    prefix_rows = _index([r for g in groups for r in seg_rows[g]])
+    return Batch(q, k_cache, v_cache, head_dim**-0.5, prefix, own, full, prefix_rows, out_seqs)
+
+
+def reference(batch: Batch, part: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 (o [N, Hq, D], lse [N, Hq]) of part "full", "prefix" or "own" of every sequence, in q order.
+    Query i of q_len sees every prefix key and own key j iff j <= own_len - q_len + i."""
+    q = batch.q.double().cpu()
+    k_pool, v_pool = batch.k_cache.double().cpu(), batch.v_cache.double().cpu()
+    group = q.shape[1] // k_pool.shape[1]
+    o = torch.zeros(q.shape, dtype=torch.float64)
+    lse = torch.full(q.shape[:2], -math.inf, dtype=torch.float64)
+    for q_start, q_len, slots, prefix_len in batch.seqs:
+        own_len = len(slots) - prefix_len
+        key = torch.arange(len(slots))[None, :]
+        row = torch.arange(q_len)[:, None]
+        is_own_visible = (key >= prefix_len) & (key - prefix_len <= own_len - q_len + row)
+        visible = {
+            "full": (key < prefix_len) | is_own_visible,
+            "prefix": (key < prefix_len).expand(q_len, -1),
+            "own": is_own_visible,
+        }[part]
+        k = k_pool[slots].repeat_interleave(group, dim=1)  # [L, Hq, D]
+        v = v_pool[slots].repeat_interleave(group, dim=1)
+        rows = slice(q_start, q_start + q_len)
+        s = torch.einsum("nhd,lhd->hnl", q[rows], k) * batch.sm_scale
+        s = s.masked_fill(~visible, -math.inf)
+        s_lse = s.logsumexp(-1)  # [Hq, q_len]
+        p = torch.where(s_lse[..., None].isfinite(), torch.exp(s - s_lse[..., None]), 0.0)
+        o[rows] = torch.einsum("hnl,lhd->nhd", p, v)
+        lse[rows] = s_lse.T
+    return o, lse
+
+
+def assert_state_close(o: torch.Tensor, lse: torch.Tensor, ref: tuple[torch.Tensor, torch.Tensor], tol: float):
+    assert o.dtype == lse.dtype == torch.float32
+    assert not o.isnan().any() and not lse.isnan().any(), "NaN in the output"
+    torch.testing.assert_close(o.cpu().double(), ref[0], atol=tol, rtol=tol)
+    # assert_close also requires the -inf (empty) entries to coincide.
+    torch.testing.assert_close(lse.cpu().double(), ref[1], atol=tol, rtol=tol)
+
+
+def cascade(batch: Batch, config: LaunchConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefix part + own part + merge, as the engine composes them."""
+    common = dict(k_cache=batch.k_cache, v_cache=batch.v_cache, sm_scale=batch.sm_scale, config=config)
+    o_pre, lse_pre = run_prefix_attention(batch.q, **common, **batch.prefix)
+    o, lse = run_own_attention(batch.q, **common, **batch.own)
+    merge_state_into(o, lse, o_pre, lse_pre, rows=batch.prefix_rows)
+    return o, lse
+
+
+def in_segment_order(batch: Batch, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = batch.prefix_rows.long().cpu()
+    return state[0][rows], state[1][rows]
+
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (GQA ratio, head size): 80 and 96 exercise the masked padding of D to 128.
+SHAPES = [(1, 64), (4, 80), (8, 96), (2, 128)]
+
+
+@pytest.mark.parametrize("group,head_dim", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cascade_matches_reference(dtype: torch.dtype, group: int, head_dim: int) -> None:
+    batch = make_batch(PREFIX_LENS, SEQS, group=group, head_dim=head_dim, dtype=dtype, seed=group)
+    tol = TOL[dtype]
+    common = dict(k_cache=batch.k_cache, v_cache=batch.v_cache, sm_scale=batch.sm_scale, config=SMALL)
+
+    o_pre, lse_pre = run_prefix_attention(batch.q, **common, **batch.prefix)
+    assert_state_close(o_pre, lse_pre, in_segment_order(batch, reference(batch, "prefix")), tol)
+    o_own, lse_own = run_own_attention(batch.q, **common, **batch.own)
+    assert_state_close(o_own, lse_own, reference(batch, "own"), tol)
+
+    merge_state_into(o_own, lse_own, o_pre, lse_pre, rows=batch.prefix_rows)
+    assert_state_close(o_own, lse_own, reference(batch, "full"), tol)
+    # The cascade equals one causal pass over the concatenated KV (prefix prefill works this way).
+    o_full, lse_full = run_own_attention(batch.q, **common, **batch.full)
+    assert_state_close(o_own, lse_own, (o_full.cpu().double(), lse_full.cpu().double()), tol)
+
+
+@pytest.mark.parametrize(
+    "dtype,num_splits", [(torch.float32, 2), (torch.float32, 8), (torch.float16, 3), (torch.bfloat16, 8)], ids=str
+)
+def test_split_count_does_not_change_result(dtype: torch.dtype, num_splits: int) -> None:
+    # 8 splits of the 37-key prefix (3 blocks) leave splits with no key; in chunked prefill some rows see no
+    # key of a split, which is where an unguarded running max turns into NaN.
+    batch = make_batch(PREFIX_LENS, SEQS, group=4, head_dim=64, dtype=dtype, seed=7)
+    split = LaunchConfig(block_m=16, block_n=16, num_splits=num_splits)
+    o, lse = cascade(batch, split)
+    assert_state_close(o, lse, reference(batch, "full"), TOL[dtype])
+    o_one, lse_one = cascade(batch, SMALL)
+    assert_state_close(o, lse, (o_one.cpu().double(), lse_one.cpu().double()), TOL[dtype])
+    common = dict(k_cache=batch.k_cache, v_cache=batch.v_cache, sm_scale=batch.sm_scale, config=split)
+    o_full, lse_full = run_own_attention(batch.q, **common, **batch.full)
+    assert_state_close(o_full, lse_full, reference(batch, "full"), TOL[dtype])
+
+
+def test_public_functions_with_default_tiles() -> None:
+    batch = make_batch(PREFIX_LENS, SEQS, group=4, head_dim=128, dtype=torch.float16, seed=3)
+    common = dict(k_cache=batch.k_cache, v_cache=batch.v_cache, sm_scale=batch.sm_scale)
+    o_pre, lse_pre = prefix_attention(batch.q, **common, **batch.prefix)
+    o, lse = own_attention(batch.q, **common, **batch.own)
+    merge_state_into(o, lse, o_pre, lse_pre, rows=batch.prefix_rows)
+    assert_state_close(o, lse, reference(batch, "full"), TOL[torch.float16])
+
+
+def test_int64_metadata_and_rows_outside_every_sequence() -> None:
+    # Row 0 and the last row belong to no sequence: they must come out empty, with or without splits.
+    batch = make_batch([], [(None, 1, 0), (None, 2, 40), (None, 1, 5), (None, 1, 0)], group=2, head_dim=64,
+                       dtype=torch.float32)
+    own = {name: t.long() for name, t in batch.own.items()}
+    own["q_indptr"] = own["q_indptr"][1:-1]
+    own["kv_indptr"] = own["kv_indptr"][1:-1]
+    ref_o, ref_lse = reference(batch, "own")
+    for num_splits in (1, 3):
+        config = LaunchConfig(block_m=16, block_n=16, num_splits=num_splits)
+        o, lse = run_own_attention(batch.q, batch.k_cache, batch.v_cache, sm_scale=batch.sm_scale,
+                                   config=config, **own)
+        assert_state_close(o, lse, (ref_o, ref_lse), TOL[torch.float32])
+        assert (o[[0, -1]] == 0).all() and (lse[[0, -1]] == -math.inf).all()
+
+
+def _random_state(num_rows: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    v = torch.randn((num_rows, 3, 80), generator=gen)
+    s = torch.randn((num_rows, 3), generator=gen) * 20
+    return v, s
+
+
+def _merge_reference(v_a, s_a, v_b, s_b):
+    v_a, s_a, v_b, s_b = (t.double() for t in (v_a, s_a, v_b, s_b))
+    s = torch.logaddexp(s_a, s_b)
+    w_a = torch.where(s.isfinite(), torch.exp(s_a - s), 0.0)
+    w_b = torch.where(s.isfinite(), torch.exp(s_b - s), 0.0)
+    return v_a * w_a[..., None] + v_b * w_b[..., None], s
+
+
+def test_merge_state_with_empty_parts() -> None:
+    gen = torch.Generator().manual_seed(1)
+    (v_a, s_a), (v_b, s_b) = _random_state(6, gen), _random_state(6, gen)
+    # Row 0: both empty; row 1: a empty; row 2: b empty; row 3: far apart LSEs.
+    for v, s, rows in ((v_a, s_a, [0, 1]), (v_b, s_b, [0, 2])):
+        v[rows], s[rows] = 0.0, -math.inf
+    s_a[3], s_b[3] = 80.0, -80.0
+    v, s = merge_state(*(t.to(DEVICE) for t in (v_a, s_a, v_b, s_b)))
+    assert_state_close(v, s, _merge_reference(v_a, s_a, v_b, s_b), 1e-5)
+    assert (v[0] == 0).all() and (s[0] == -math.inf).all()
+
+
+def test_merge_state_into_touches_only_given_rows() -> None:
+    gen = torch.Generator().manual_seed(2)
+    v, s = _random_state(7, gen)
+    v_other, s_other = _random_state(3, gen)
+    s_other[1] = -math.inf
+    rows = torch.tensor([5, 0, 3])
+    expected_v, expected_s = v.double(), s.double()
+    expected_v[rows], expected_s[rows] = _merge_reference(v[rows], s[rows], v_other, s_other)
+    v_dev, s_dev = v.to(DEVICE), s.to(DEVICE)
+    merge_state_into(v_dev, s_dev, v_other.to(DEVICE), s_other.to(DEVICE), rows=rows.to(DEVICE, torch.int32))
+    assert_state_close(v_dev, s_dev, (expected_v, expected_s), 1e-5)
+
+
+def test_launcher_rejects_bad_inputs() -> None:
+    batch = make_batch([16], [(0, 1, 1)], group=1, head_dim=64, dtype=torch.float16)
+    common = dict(k_cache=batch.k_cache, v_cache=batch.v_cache, sm_scale=batch.sm_scale)
+    with pytest.raises(AssertionError, match=">= 16"):
+        run_prefix_attention(batch.q, **common, **batch.prefix, config=LaunchConfig(block_m=16, block_n=8))
+    with pytest.raises(AssertionError, match="one dtype"):
+        prefix_attention(batch.q.float(), **common, **batch.prefix)
+    with pytest.raises(AssertionError, match="D must be contiguous"):
+        prefix_attention(batch.q.transpose(1, 2).contiguous().transpose(1, 2), **common, **batch.prefix)
+    with pytest.raises(AssertionError, match="head size"):
+        sliced = {**common, "k_cache": batch.k_cache[..., :48], "v_cache": batch.v_cache[..., :48]}
+        own_attention(batch.q[..., :48], **sliced, **batch.own)
+
+
+def test_empty_batches() -> None:
+    batch = make_batch([4], [(0, 1, 1)], group=4, head_dim=64, dtype=torch.float32)
+    common = dict(k_cache=batch.k_cache, v_cache=batch.v_cache, sm_scale=batch.sm_scale)
+    none = _index([])
+    o, lse = prefix_attention(batch.q, **common, q_start=none, q_len=none, kv_indices=none, kv_indptr=_index([0]))
+    assert o.shape == (0, 8, 64) and lse.shape == (0, 8)
+    o, lse = own_attention(batch.q[:0], **common, q_indptr=_index([0]), kv_indices=none, kv_indptr=_index([0]))
+    assert o.shape == (0, 8, 64) and lse.shape == (0, 8)
