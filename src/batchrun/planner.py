@@ -1,0 +1,361 @@
+"""Plans a file's requests: shared-prefix levels, groups, their order and memory-sized batches → PlanLayout.
+Also owns the KV accounting that the run-time scheduler reuses, so that plan and run agree (no torch).
+
+Prefix selection. The radix tree is built over every prompt minus its last token, so each request keeps at
+least one own token (its own prefill yields the logits of its first output token). A chosen tree node v
+becomes a shared level: its segment, the tokens since the nearest chosen ancestor u, is computed once for
+its m(v) member requests instead of m(v) times, saving (m(v) - 1) * (depth(v) - depth(u)) prompt tokens.
+Constraints: m(v) >= 2, segment >= min_prefix_len (a shorter level costs an extra attention part per step
+for little gain), at most max_levels chosen nodes on any root-to-leaf path.
+BatchLLM's one-level rule (split a child g out of a first-level node c when (leaves(g) - 1) * len(g) - len(c)
+> 0, duplicating c) and a greedy top-down walk are both local versions of this trade: choosing a node moves
+its segment's duplicated tokens into a shared level, but may make a deeper node's segment too short or use
+up a level a deeper, more profitable node needed (max_levels = 1 with system prompt → documents is the
+case where top-down greed keeps the short system prompt and loses every document). We maximise the total
+saving exactly with a dynamic programme over the nodes with m >= 2 (the "skeleton"); the state is (nearest
+chosen ancestor, levels left), so the work is O(sum over skeleton nodes of ancestors x levels), one small
+numpy step per skeleton node. Ties keep the node unshared (fewer levels). With min_prefix_len = 1 and
+levels unlimited every skeleton node is chosen: each distinct prompt prefix is computed once. Cuts are only
+made at tree nodes: a cut inside an edge could let a child segment shorter than min_prefix_len qualify, but
+gains at most (m - 1) * min_prefix_len tokens there, and makes levels no system prompt or document has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from batchrun.tokens import TokenTable
+from batchrun.trie import RadixTree, build_radix_tree
+
+
+@dataclass(frozen=True)
+class PlannerConfig:
+    """Planning parameters; the user-facing defaults are in batchrun.defaults (the CLI passes them)."""
+
+    kv_budget_bytes: int  # KV memory a batch may hold
+    min_prefix_len: int  # shortest shared segment, in tokens
+    max_levels: int  # deepest chain of shared prefixes a request reads
+    share: bool  # False: no sharing at all, every request runs plain
+
+    def __post_init__(self) -> None:
+        for name in ("kv_budget_bytes", "min_prefix_len", "max_levels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"PlannerConfig.{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.share, bool):
+            raise ValueError(f"PlannerConfig.share must be a bool, got {self.share!r}")
+
+
+@dataclass(frozen=True)
+class PlanLayout:
+    """The plan's arrays (see docs/architecture.md, "Plan layout") and its summary numbers.
+
+    Shared nodes are topologically ordered; node i's own segment is [node_len[node_parent[i]], node_len[i]).
+    Requests are the valid requests in input order; request r's own tokens are
+    [node_len[request_node[r]], prompt_len[r]) (from 0 when request_node[r] == -1), never empty.
+    """
+
+    node_parent: np.ndarray  # int32 [N]; -1 at the top level
+    node_len: np.ndarray  # int32 [N]; the prefix's end position, counted from token 0
+    node_request: np.ndarray  # int32 [N]; a member whose first node_len tokens are the prefix
+    request_node: np.ndarray  # int32 [R]; deepest shared node a request reads, -1 for none
+    order: np.ndarray  # int32 [R]; execution order, every node's members contiguous
+    group_indptr: np.ndarray  # int32 [G + 1] into order; top-level groups by decode ratio, largest first
+    batch_indptr: np.ndarray  # int32 [B + 1] into order; memory-sized batches
+    prompt_tokens: int
+    prefill_tokens: int  # prompt tokens computed: each shared segment once plus every own part
+    saved_prefill_tokens: int  # prompt_tokens - prefill_tokens
+    num_groups: int
+    num_levels: int  # deepest chain of shared nodes
+    num_shared_nodes: int
+    num_batches: int
+    max_batch_kv_bytes: int
+
+    def __post_init__(self) -> None:
+        arrays = ("node_parent", "node_len", "node_request", "request_node", "order", "group_indptr",
+                  "batch_indptr")
+        for name in arrays:
+            a = getattr(self, name)
+            assert a.dtype == np.int32 and a.ndim == 1, name
+        num_nodes, num_requests = len(self.node_parent), len(self.request_node)
+        assert len(self.node_len) == len(self.node_request) == num_nodes == self.num_shared_nodes
+        assert bool(np.all(self.node_parent < np.arange(num_nodes)))
+        assert len(self.order) == num_requests
+        for indptr, count in ((self.group_indptr, self.num_groups), (self.batch_indptr, self.num_batches)):
+            assert len(indptr) == count + 1 and indptr[0] == 0 and indptr[-1] == num_requests
+        assert self.saved_prefill_tokens == self.prompt_tokens - self.prefill_tokens
+
+
+def request_kv_bytes(prompt_len: np.ndarray, max_tokens: np.ndarray, *, kv_bytes_per_token: int) -> np.ndarray:
+    """int64 [R]: KV bytes each request holds when it runs alone. A request above the KV budget can never
+    run: callers turn it into an error record before planning (plan_requests asserts there is none)."""
+    return (np.asarray(prompt_len, np.int64) + np.asarray(max_tokens, np.int64)) * kv_bytes_per_token
+
+
+class NodeSpan(NamedTuple):
+    first: np.ndarray  # int64 [N]; position in `order` of the node's first member
+    end: np.ndarray  # int64 [N]; one past its last: the members are order[first:end]
+
+
+def node_span(layout: PlanLayout) -> NodeSpan:
+    """Where each shared node's members sit in the order (members: the requests whose chain reads it)."""
+    num_requests = len(layout.order)
+    position = np.empty(num_requests, dtype=np.int64)
+    position[layout.order] = np.arange(num_requests)
+    first = np.full(len(layout.node_len), num_requests, dtype=np.int64)
+    end = np.zeros(len(layout.node_len), dtype=np.int64)
+    nodes = layout.request_node.astype(np.int64)
+    while len(nodes):  # one step per level
+        has_node = nodes >= 0
+        nodes, position = nodes[has_node], position[has_node]
+        np.minimum.at(first, nodes, position)
+        np.maximum.at(end, nodes, position + 1)
+        nodes = layout.node_parent[nodes]
+    return NodeSpan(first, end)
+
+
+def segment_len(layout: PlanLayout) -> np.ndarray:
+    """int64 [N]: the tokens each shared node adds to its parent's prefix."""
+    node_len = layout.node_len.astype(np.int64)
+    return node_len - _at(node_len, layout.node_parent)
+
+
+def shared_len(layout: PlanLayout) -> np.ndarray:
+    """int64 [R]: the prompt tokens each request reads from shared nodes (0 for none)."""
+    return _at(layout.node_len.astype(np.int64), layout.request_node)
+
+
+def kv_tokens(layout: PlanLayout, *, prompt_len: np.ndarray, max_tokens: np.ndarray,
+              requests: np.ndarray) -> int:
+    """KV tokens that running `requests` together holds: each distinct shared node they read (the whole chain
+    above each request's node) once, plus per request its own prompt tokens and max_tokens. The batch's
+    bytes are this times kv_bytes_per_token; planner and scheduler both count with it."""
+    requests = np.asarray(requests, dtype=np.int64)
+    prompt_len = np.asarray(prompt_len, np.int64)[requests]
+    own = prompt_len - shared_len(layout)[requests] + np.asarray(max_tokens, np.int64)[requests]
+    nodes = np.unique(layout.request_node[requests])
+    chains = [nodes[nodes >= 0]]
+    while len(chains[-1]):  # one step per level
+        up = layout.node_parent[chains[-1]]
+        chains.append(np.unique(up[up >= 0]))
+    read = np.unique(np.concatenate(chains))
+    return int(segment_len(layout)[read].sum() + own.sum())
+
+
+def _at(values: np.ndarray, index: np.ndarray, fill: int = 0) -> np.ndarray:
+    """values[index], with `fill` where index is -1 (no node)."""
+    return np.append(values, fill)[index]
+
+
+def plan_requests(tokens: TokenTable, max_tokens: np.ndarray, *, kv_bytes_per_token: int,
+                  config: PlannerConfig) -> PlanLayout:
+    """Plans the requests of `tokens` (row i = request i, every prompt non-empty, every request within the
+    budget alone: see request_kv_bytes)."""
+    prompt_len = tokens.lengths
+    max_tokens = np.asarray(max_tokens, dtype=np.int64)
+    assert len(max_tokens) == len(tokens) and bool(np.all(prompt_len >= 1)) and bool(np.all(max_tokens >= 0))
+    assert kv_bytes_per_token >= 1
+    budget = config.kv_budget_bytes // kv_bytes_per_token
+    assert bool(np.all(prompt_len + max_tokens <= budget)), "a request exceeds the KV budget alone"
+    shared = _shared_prefixes(tokens, config)
+    groups = _order_groups(shared, prompt_len, max_tokens)
+    batches = _batches(shared, groups, prompt_len, max_tokens, budget)
+    prefill = int(shared.segment_len.sum() + (prompt_len - shared.request_shared_len).sum())
+    num_levels = int(shared.node_level.max()) if len(shared.node_level) else 0
+    as_i32 = lambda a: np.asarray(a).astype(np.int32)
+    return PlanLayout(
+        node_parent=as_i32(shared.node_parent),
+        node_len=as_i32(shared.node_len),
+        node_request=as_i32(shared.node_request),
+        request_node=as_i32(shared.request_node),
+        order=as_i32(groups.order),
+        group_indptr=as_i32(groups.group_indptr),
+        batch_indptr=as_i32(batches.batch_indptr),
+        prompt_tokens=int(prompt_len.sum()),
+        prefill_tokens=prefill,
+        saved_prefill_tokens=int(prompt_len.sum()) - prefill,
+        num_groups=len(groups.group_indptr) - 1,
+        num_levels=num_levels,
+        num_shared_nodes=len(shared.node_len),
+        num_batches=len(batches.batch_indptr) - 1,
+        max_batch_kv_bytes=batches.max_kv_tokens * kv_bytes_per_token,
+    )
+
+
+# -- prefix selection -----------------------------------------------------------------------------------------
+
+
+class _Shared(NamedTuple):
+    node_parent: np.ndarray  # int64 [N], topological
+    node_len: np.ndarray  # int64 [N]
+    node_request: np.ndarray  # int64 [N]
+    node_level: np.ndarray  # int64 [N]; 1 at the top level
+    node_first: np.ndarray  # int64 [N]; position of the node's first member in dfs_order
+    segment_len: np.ndarray  # int64 [N]
+    request_node: np.ndarray  # int64 [R]
+    request_shared_len: np.ndarray  # int64 [R]
+    dfs_order: np.ndarray  # int64 [R]; every node's members contiguous
+
+
+def _shared_prefixes(tokens: TokenTable, config: PlannerConfig) -> _Shared:
+    num_requests = len(tokens)
+    if not config.share:
+        empty = np.zeros(0, dtype=np.int64)
+        return _Shared(empty, empty, empty, empty, empty, empty, np.full(num_requests, -1, np.int64),
+                       np.zeros(num_requests, np.int64), np.arange(num_requests, dtype=np.int64))
+    tree = build_radix_tree(tokens, tokens.lengths - 1)
+    is_shared = _select_levels(tree, min_prefix_len=config.min_prefix_len, max_levels=config.max_levels)
+    tree_nodes = np.flatnonzero(is_shared)
+    nearest = _nearest_shared(tree.node_parent, is_shared)  # [tree nodes] → shared node index or -1
+    node_parent = nearest[tree.node_parent[tree_nodes]]
+    node_len = tree.node_depth[tree_nodes]
+    node_level: list[int] = []
+    for p in node_parent.tolist():  # topological: a parent's level is known first
+        node_level.append(node_level[p] + 1 if p >= 0 else 1)
+    request_node = nearest[tree.request_node]
+    return _Shared(node_parent, node_len, tree.node_ref[tree_nodes].astype(np.int64), np.array(node_level, np.int64),
+                   tree.node_request_start[tree_nodes], node_len - _at(node_len, node_parent), request_node,
+                   _at(node_len, request_node), tree.request_order.astype(np.int64))
+
+
+def _nearest_shared(tree_parent: np.ndarray, is_shared: np.ndarray) -> np.ndarray:
+    """int64 [tree nodes]: index (among shared nodes, in preorder) of the deepest shared node at or above."""
+    index = np.where(is_shared, np.cumsum(is_shared) - 1, -1).tolist()
+    parent = tree_parent.tolist()
+    for v in range(1, len(parent)):  # preorder: the parent is done first
+        if index[v] < 0:
+            index[v] = index[parent[v]]
+    return np.asarray(index, dtype=np.int64)
+
+
+def _select_levels(tree: RadixTree, *, min_prefix_len: int, max_levels: int) -> np.ndarray:
+    """bool [tree nodes]: the nodes chosen as shared levels, maximising the saving (module docstring)."""
+    skeleton = np.flatnonzero(tree.node_num_requests >= 2)[1:].tolist()  # preorder, root left out
+    is_shared = np.zeros(tree.num_nodes, dtype=bool)
+    if not skeleton:
+        return is_shared
+    parent, depth = tree.node_parent.tolist(), tree.node_depth.tolist()
+    level = {0: 0}
+    for x in skeleton:
+        level[x] = level[parent[x]] + 1
+    height = max(level.values())
+    # When no path is deeper than max_levels the level count cannot bind: one column, never consumed.
+    consume = max_levels < height
+    dp = _LevelDP(depth=depth, members=tree.node_num_requests.tolist(), level=level, min_prefix_len=min_prefix_len,
+                  num_cols=max_levels + 1 if consume else 2, consume=consume, height=height)
+    stack: list[int] = []
+    for x in skeleton:
+        while stack and level[stack[-1]] >= level[x]:
+            dp.close(stack.pop(), parent)
+        dp.open(x)
+        stack.append(x)
+    while stack:
+        dp.close(stack.pop(), parent)
+    state = {0: (0, dp.num_cols - 1)}  # per node: (level of the nearest chosen ancestor, levels left) below it
+    for x in skeleton:
+        j, r = state[parent[x]]
+        is_shared[x] = dp.take[x][j, r]
+        state[x] = (level[x], r - int(consume)) if is_shared[x] else (j, r)
+    return is_shared
+
+
+class _LevelDP:
+    """Bottom-up tables for _select_levels. For a skeleton node x at level l, value[j, r] is the best saving
+    inside x's subtree (x included) when the nearest chosen ancestor is x's ancestor at level j and r levels
+    are left; take[x][j, r] says whether choosing x reaches it."""
+
+    def __init__(self, *, depth: list[int], members: list[int], level: dict[int, int], min_prefix_len: int,
+                 num_cols: int, consume: bool, height: int) -> None:
+        self.depth, self.members, self.level = depth, members, level
+        self.min_prefix_len, self.num_cols, self.consume = min_prefix_len, num_cols, consume
+        self.path_depth = np.zeros(height + 1, dtype=np.int64)  # depth of the open node at each level
+        self.skip_sum: dict[int, np.ndarray] = {}  # children's values with x unchosen: rows = x's ancestors
+        self.take_sum: dict[int, np.ndarray] = {0: np.zeros(num_cols, np.int64)}  # ... with x chosen
+        self.take: dict[int, np.ndarray] = {}
+
+    def open(self, x: int) -> None:
+        self.path_depth[self.level[x]] = self.depth[x]
+
+    def close(self, x: int, parent: list[int]) -> None:
+        lvl, cols = self.level[x], self.num_cols
+        segment = self.depth[x] - self.path_depth[:lvl]  # [lvl]: tokens since each possible ancestor
+        skip = self.skip_sum.pop(x, None)
+        skip = np.zeros((lvl, cols), np.int64) if skip is None else skip
+        below = self.take_sum.pop(x, np.zeros(cols, np.int64))
+        take = np.full((lvl, cols), -1, dtype=np.int64)  # -1: not allowed (any allowed value is >= 0)
+        below = below[:-1] if self.consume else below[1:]
+        take[:, 1:] = ((self.members[x] - 1) * segment)[:, None] + below[None, :]
+        take[segment < self.min_prefix_len] = -1
+        self.take[x] = take > skip
+        value = np.maximum(take, skip)
+        p = parent[x]
+        if lvl > 1:
+            self.skip_sum[p] = self.skip_sum[p] + value[:-1] if p in self.skip_sum else value[:-1]
+        self.take_sum[p] = self.take_sum[p] + value[-1] if p in self.take_sum else value[-1]
+
+
+# -- groups, order, batches -----------------------------------------------------------------------------------
+
+
+class _Groups(NamedTuple):
+    order: np.ndarray  # int64 [R]
+    group_indptr: np.ndarray  # int64 [G + 1]
+    position: np.ndarray  # int64 [R]; position[p] = where dfs position p went in order
+
+
+def _order_groups(shared: _Shared, prompt_len: np.ndarray, max_tokens: np.ndarray) -> _Groups:
+    """Top-level nodes and lone requests as groups, by decode ratio (largest first, ties by first input index)."""
+    dfs = shared.dfs_order
+    num_requests = len(dfs)
+    if num_requests == 0:
+        return _Groups(dfs, np.zeros(1, np.int64), dfs)
+    top = np.arange(len(shared.node_parent))
+    for i, p in enumerate(shared.node_parent.tolist()):
+        if p >= 0:
+            top[i] = top[p]
+    group_key = _at(top, shared.request_node[dfs], fill=-1)
+    is_start = np.ones(num_requests, dtype=bool)
+    is_start[1:] = (group_key[1:] < 0) | (group_key[1:] != group_key[:-1])
+    starts = np.flatnonzero(is_start)
+    decode = np.add.reduceat(max_tokens[dfs], starts).astype(np.float64)
+    ratio = decode / np.add.reduceat(prompt_len[dfs], starts)
+    first_index = np.minimum.reduceat(dfs, starts)
+    by_ratio = np.lexsort((first_index, -ratio))
+    size = np.diff(np.append(starts, num_requests))[by_ratio]
+    group_indptr = np.concatenate(([0], np.cumsum(size)))
+    source = np.repeat(starts[by_ratio] - group_indptr[:-1], size) + np.arange(num_requests)
+    position = np.empty(num_requests, dtype=np.int64)
+    position[source] = np.arange(num_requests)
+    return _Groups(dfs[source], group_indptr, position)
+
+
+class _Batches(NamedTuple):
+    batch_indptr: np.ndarray  # int64 [B + 1]
+    max_kv_tokens: int
+
+
+def _batches(shared: _Shared, groups: _Groups, prompt_len: np.ndarray, max_tokens: np.ndarray,
+             budget: int) -> _Batches:
+    """Greedy contiguous batches over the order, each holding at most `budget` KV tokens (kv_tokens).
+
+    Because every node's members are contiguous, a batch [b, e) reads the chain of its first request plus,
+    for each later position p, the nodes whose first member is at p: prefix sums make each cut a search.
+    """
+    order = groups.order
+    chain_len = shared.request_shared_len[order]
+    opened = np.zeros(len(order), dtype=np.int64)  # tokens of the nodes whose first member is at p
+    np.add.at(opened, groups.position[shared.node_first], shared.segment_len)
+    own = prompt_len[order] - chain_len + max_tokens[order]
+    cum = np.concatenate(([0], np.cumsum(opened + own)))
+    bounds, max_kv = [0], 0
+    while bounds[-1] < len(order):
+        b = bounds[-1]
+        base = chain_len[b] - opened[b] - cum[b]
+        e = int(np.searchsorted(cum, budget - base, side="right")) - 1
+        assert e > b, "a request exceeds the KV budget alone"
+        max_kv = max(max_kv, int(base + cum[e]))
+        bounds.append(e)
+    return _Batches(np.asarray(bounds, dtype=np.int64), max_kv)
