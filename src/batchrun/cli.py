@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 
 from batchrun import defaults
-from batchrun.errors import UserError
+from batchrun.errors import EXIT_FAILED, UserError
 
 app = typer.Typer(
     help="Offline batch LLM inference over JSONL files, planned globally so shared prompt prefixes are "
@@ -64,6 +64,8 @@ def plan(
                                             "document → ...).")] = defaults.MAX_LEVELS,
     share: Annotated[bool, typer.Option("--share/--no-share", help="Share prefixes (--no-share runs every "
                                         "request alone: to measure what sharing gains).")] = True,
+    dtype: Annotated[str | None, typer.Option(help="Weights and KV dtype: float32, bfloat16 or float16 "
+                                              "[default: the model's own].")] = None,
     show: Annotated[Path | None, typer.Option("--show", help="Print an existing plan's summary and groups "
                                               "instead of planning.", show_default=False)] = None,
     groups: Annotated[int, typer.Option(help="With --show: how many groups to list.")] = 20,
@@ -82,11 +84,11 @@ def plan(
             _print_json(plan_summary_json(shown.header))
             return
         render_plan_summary(out, shown.header, title=f"plan {show}")
-        render_plan_groups(out, shown, load_tokenizer(resolve_model(shown.header.model_name)), limit=groups)
+        render_plan_groups(out, shown, load_tokenizer(resolve_model(shown.header.model_path)), limit=groups)
         return
     if input is None:
         raise UserError("give the INPUT file to plan (or --show PLAN to look at a plan)", exit_code=2)
-    spec = resolve_model(model)
+    spec = resolve_model(model, dtype=dtype)
     config = PlannerConfig(kv_budget_bytes=parse_size(kv_budget), min_prefix_len=min_prefix_len,
                            max_levels=max_levels, share=share)
     made = build_plan(input, spec, load_tokenizer(spec), config)
@@ -100,6 +102,69 @@ def plan(
             first = made.invalid[0]
             err.print(f"{len(made.invalid)} invalid line(s), kept as error records; the first: "
                       f"line {first.line}: {first.message}", highlight=False)
+
+
+@app.command()
+@user_errors
+def run(
+    plan_path: Annotated[Path, typer.Option("--plan", "-p", help="The plan made by `batchrun plan`.",
+                                            show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output JSONL: one line per request, appended "
+                                         "as each finishes; run again to resume.", show_default=False)],
+    errors: Annotated[Path | None, typer.Option("--errors", help="Write error lines here instead of into the "
+                                                "output (as the OpenAI Batch API does).", show_default=False)] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Another copy of the plan's model "
+                                              "[default: the model the plan names].", show_default=False)] = None,
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = defaults.DEVICE,
+    json: JsonOption = False,
+) -> None:
+    """Execute a plan: each shared prefix computed once, every result appended to the output as it finishes."""
+    from batchrun.runner import run_plan_file
+
+    outcome = run_plan_file(plan_path, output, errors_path=errors, model=model, device=device, console=err)
+    summary = {"requests": outcome.num_requests, "resumed": outcome.num_resumed,
+               "completed": outcome.num_completed, "failed": outcome.num_failed,
+               "output_tokens": outcome.output_tokens, "wall_seconds": round(outcome.wall_seconds, 3),
+               "output": str(output)}
+    if json:
+        _print_json(summary)
+    else:
+        out.print(f"{outcome.num_completed} completed, {outcome.num_failed} failed, {outcome.num_resumed} "
+                  f"already done; {outcome.output_tokens} output tokens in {outcome.wall_seconds:.1f}s → "
+                  f"{output}", highlight=False)
+    if not outcome.is_clean:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command()
+@user_errors
+def stats(
+    paths: Annotated[list[Path], typer.Argument(help="Output JSONL files of `batchrun run` (their metrics files "
+                                                "beside them are read too), or a plan file.", show_default=False)],
+    json: JsonOption = False,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Also draw throughput, batch size and the "
+                                              "prefill/decode split to this PNG.", show_default=False)] = None,
+) -> None:
+    """Report what runs achieved and where the time went; several runs are compared side by side."""
+    from batchrun.plan import load_plan_header
+    from batchrun.plan_view import plan_summary_json, render_plan_summary
+    from batchrun.stats import load_report, plot_report, render_report, report_json, stats_target_kind
+
+    if len(paths) == 1 and stats_target_kind(paths[0]) == "plan":
+        header = load_plan_header(paths[0])
+        if json:
+            _print_json(plan_summary_json(header))
+        else:
+            render_plan_summary(out, header, title=f"plan {paths[0]}")
+        return
+    reports = [load_report(p) for p in paths]
+    if json:
+        payload = report_json(reports[0]) if len(reports) == 1 else {"runs": [report_json(r) for r in reports]}
+        _print_json(payload)
+    else:
+        render_report(out, reports)
+    if plot is not None:
+        err.print(f"plot written to {plot_report(reports, plot)}")
 
 
 def _print_json(obj: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ whose input or model changed.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 import time
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
 from batchrun import __version__, planfile
 from batchrun.errors import UserError
@@ -33,12 +35,20 @@ class PlanHeader:
     input_path: str
     input_fingerprint: str
     model_name: str
+    model_path: str  # a built-in name, or the model directory's absolute path
+    model_dtype: str
     model_fingerprint: str
     kv_bytes_per_token: int
     params: dict[str, Any]  # PlannerConfig fields
     summary: dict[str, Any]
     created: str
     batchrun_version: str
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies what the plan computes: its input, its model and its planning parameters."""
+        key = orjson.dumps([self.input_fingerprint, self.model_fingerprint, self.params], option=orjson.OPT_SORT_KEYS)
+        return hashlib.sha256(key).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -95,6 +105,7 @@ def build_plan(input_path: Path, spec: ModelSpec, tokenizer: Any, config: Planne
         raise UserError(f"{input_path}: the file is empty (expected one JSON request per line)")
     if num_json == 0:
         raise UserError(f"{input_path}: not a JSONL file (no line is a JSON value; expected one request per line)")
+    invalid = _with_file_format(invalid, requests)
     indptr = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=indptr[1:])
     tokens = TokenTable(np.concatenate(chunks) if chunks else np.zeros(0, np.int32), indptr)
@@ -104,6 +115,8 @@ def build_plan(input_path: Path, spec: ModelSpec, tokenizer: Any, config: Planne
         input_path=str(input_path.resolve()),
         input_fingerprint=reader.fingerprint,
         model_name=spec.name,
+        model_path=spec.name if spec.is_builtin else str(spec.path.resolve()),
+        model_dtype=spec.config.dtype,
         model_fingerprint=spec.fingerprint,
         kv_bytes_per_token=spec.config.kv_bytes_per_token,
         params=dataclasses.asdict(config),
@@ -113,6 +126,14 @@ def build_plan(input_path: Path, spec: ModelSpec, tokenizer: Any, config: Planne
     )
     return Plan(header=header, requests=requests, invalid=sorted(invalid, key=lambda r: r.line),
                 tokens=tokens, layout=layout)
+
+
+def _with_file_format(invalid: list[InvalidLine], requests: list[Request]) -> list[InvalidLine]:
+    """A line that is not JSON has no format of its own: give it the file's (the first request's), so that
+    an OpenAI batch file gets OpenAI-shaped error lines throughout."""
+    if not requests or requests[0].format == "plain":
+        return invalid
+    return [dataclasses.replace(r, format=requests[0].format) if r.code == "invalid_json" else r for r in invalid]
 
 
 def _chunks(reader: InputReader, size: int) -> Iterator[list[ParsedLine | InvalidLine]]:

@@ -80,7 +80,7 @@ class ModelConfig:
             eos = raw.get("eos_token_id")
             eos_list = eos if isinstance(eos, list) else [] if eos is None else [eos]
             eos_ids = tuple(int(e) for e in eos_list)
-            cfg_dtype = dtype or _dtype_name(raw.get("torch_dtype") or raw.get("dtype") or "float32")
+            cfg_dtype = _dtype_name(dtype or raw.get("torch_dtype") or raw.get("dtype") or "float32")
             max_pos = int(raw.get("max_position_embeddings", 2048))
             # transformers 5 writes `rope_parameters` (rope_theta inside it); older configs a top-level
             # `rope_theta` plus an optional `rope_scaling`. As in transformers, rope_parameters wins.

@@ -1,0 +1,87 @@
+"""`batchrun run` as a library call: checks the plan against its input and model, loads the model, opens the
+output (resuming what is there), writes the plan's error records, and runs the engine over the rest.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from batchrun import defaults
+from batchrun.errors import UserError
+from batchrun.model.spec import ModelSpec, resolve_model
+from batchrun.output import OutputWriter
+from batchrun.plan import Plan, check_plan, load_plan
+from batchrun.progress import ProgressWriter
+from batchrun.requests import file_fingerprint
+from batchrun.stats import MetricsRecorder, check_same_plan, metrics_path_for
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    num_requests: int  # valid requests and invalid lines in the plan: one output line each
+    num_resumed: int  # already in the output before this run
+    num_completed: int  # completed by this run
+    num_failed: int  # error lines written by this run (invalid lines and run-time failures)
+    output_tokens: int
+    wall_seconds: float  # generation only: model loading excluded
+
+    @property
+    def is_clean(self) -> bool:
+        return self.num_failed == 0
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' (CUDA when there is one), 'cpu' or 'cuda'; UserError when CUDA is asked for and absent."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, not {name!r}", exit_code=2)
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available (use --device cpu)")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def plan_model(plan: Plan, model: str | None) -> ModelSpec:
+    """The model to run: the one the plan names, or `model` (another copy of it); refused if it differs."""
+    spec = resolve_model(model or plan.header.model_path, dtype=plan.header.model_dtype)
+    check_plan(plan.header, input_fingerprint=file_fingerprint(Path(plan.header.input_path)), model=spec)
+    return spec
+
+
+def run_plan_file(plan_path: Path, output: Path, *, errors_path: Path | None, model: str | None, device: str,
+                  console: Console) -> RunOutcome:
+    from batchrun.engine.engine import Engine
+    from batchrun.model.loader import load_model
+    from batchrun.tokenizer import load_tokenizer
+
+    plan = load_plan(plan_path)
+    spec = plan_model(plan, model)
+    check_same_plan(output, plan.header.fingerprint)
+    torch_device = resolve_device(device)
+    loaded = load_model(spec, device=torch_device)
+    tokenizer = load_tokenizer(spec)
+    run_info = {"plan_fingerprint": plan.header.fingerprint, "plan": str(plan_path.resolve()),
+                "kv_budget_bytes": plan.header.params["kv_budget_bytes"], "device": str(torch_device),
+                "model": spec.name, "dtype": spec.config.dtype,
+                "errors_path": str(errors_path.resolve()) if errors_path else None}
+    with OutputWriter(output, errors_path=errors_path, model_name=spec.name) as writer:
+        num_resumed = sum(writer.is_done(r) for r in plan.requests) + sum(writer.is_done(r) for r in plan.invalid)
+        total = len(plan.requests) + len(plan.invalid)
+        with ProgressWriter(writer, total=total, num_done=num_resumed, console=console,
+                            interval_s=defaults.PROGRESS_INTERVAL_S) as progress, \
+                MetricsRecorder(metrics_path_for(output), run_info=run_info) as metrics:
+            for record in plan.invalid:
+                if not writer.is_done(record):
+                    progress.write_error(record)
+            skip_ids = {r.id for r in plan.requests if writer.is_done(r)}
+            engine = Engine(loaded, tokenizer, plan, kv_budget_bytes=plan.header.params["kv_budget_bytes"])
+            start = time.perf_counter()
+            summary = engine.run(progress, metrics, skip_ids=skip_ids)
+            wall = time.perf_counter() - start
+    return RunOutcome(num_requests=total, num_resumed=num_resumed, num_completed=summary.num_completed,
+                      num_failed=progress.num_failed, output_tokens=summary.output_tokens, wall_seconds=wall)

@@ -1,0 +1,150 @@
+"""The planning pipeline and the plan file: validation after tokenization, save/load round trip, checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from batchrun.errors import UserError
+from batchrun.model.spec import resolve_model
+from batchrun.plan import build_plan, check_plan, load_plan, load_plan_header, parse_size, save_plan
+from batchrun.planner import PlannerConfig
+from batchrun.requests import file_fingerprint
+from batchrun.tokenizer import load_tokenizer
+
+SAMPLE = Path(__file__).parent.parent / "sample_data"
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return resolve_model("builtin-tiny")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(spec):
+    return load_tokenizer(spec)
+
+
+def config(**overrides) -> PlannerConfig:
+    return PlannerConfig(**{"kv_budget_bytes": 1 << 30, "min_prefix_len": 16, "max_levels": 4, "share": True,
+                            **overrides})
+
+
+def write(tmp_path: Path, rows: list[object]) -> Path:
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_round_trip_keeps_everything(tmp_path: Path, spec, tokenizer) -> None:
+    plan = build_plan(SAMPLE / "requests.jsonl", spec, tokenizer, config())
+    save_plan(plan, tmp_path / "p.plan")
+    loaded = load_plan(tmp_path / "p.plan")
+    assert loaded.header == plan.header
+    assert loaded.requests == plan.requests and loaded.invalid == plan.invalid
+    assert np.array_equal(loaded.tokens.tokens, plan.tokens.tokens)
+    assert np.array_equal(loaded.tokens.indptr, plan.tokens.indptr)
+    for f in dataclasses.fields(plan.layout):
+        a, b = getattr(plan.layout, f.name), getattr(loaded.layout, f.name)
+        assert np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b, f.name
+    assert load_plan_header(tmp_path / "p.plan") == plan.header
+
+
+def test_sample_data_shares_prefixes_in_both_formats(spec, tokenizer) -> None:
+    plain = build_plan(SAMPLE / "requests.jsonl", spec, tokenizer, config())
+    openai = build_plan(SAMPLE / "openai_batch.jsonl", spec, tokenizer, config())
+    for plan in (plain, openai):
+        s = plan.header.summary
+        assert s["requests"] == 240 and s["invalid"] == 0
+        assert s["saved_prefill_tokens"] > 0.5 * s["prompt_tokens"]
+        assert s["num_levels"] >= 2  # reading instructions → document → question
+    # The same prompts give the same tokens whatever the format.
+    assert np.array_equal(plain.tokens.tokens, openai.tokens.tokens)
+
+
+def test_chat_prompt_is_tokenized_through_the_template(tmp_path: Path, spec, tokenizer) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "héllo 日本"}]
+    plan = build_plan(write(tmp_path, [{"id": "a", "messages": messages}]), spec, tokenizer, config())
+    expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    expected = expected["input_ids"] if "input_ids" in expected else expected  # a BatchEncoding in transformers 5
+    assert plan.tokens[0].tolist() == list(expected)
+    assert plan.tokens[0][0] == tokenizer.bos_token_id and list(plan.tokens[0]).count(tokenizer.bos_token_id) == 1
+
+
+def test_plain_prompt_gets_one_bos_and_empty_prompt_is_still_valid(tmp_path: Path, spec, tokenizer) -> None:
+    plan = build_plan(write(tmp_path, [{"id": "a", "prompt": ""}, {"id": "b", "prompt": "x y"}]), spec, tokenizer,
+                      config())
+    assert plan.tokens[0].tolist() == [tokenizer.bos_token_id]
+    assert plan.tokens[1][0] == tokenizer.bos_token_id
+
+
+def test_bad_lines_become_records_and_none_is_lost(tmp_path: Path, spec, tokenizer) -> None:
+    path = SAMPLE / "bad_lines.jsonl"
+    plan = build_plan(path, spec, tokenizer, config())
+    nonblank = [i + 1 for i, line in enumerate(path.read_text().splitlines()) if line.strip()]
+    assert sorted([r.line for r in plan.requests] + [r.line for r in plan.invalid]) == nonblank
+    assert [r.id for r in plan.requests] == ["ok-1"]
+    codes = {r.line: r.code for r in plan.invalid}
+    assert codes[2] == "invalid_json" and codes[8] == "duplicate_id" and codes[12] == "context_length_exceeded"
+    assert all(r.message for r in plan.invalid)
+
+
+def test_kv_budget_too_small_for_one_request(tmp_path: Path, spec, tokenizer) -> None:
+    path = write(tmp_path, [{"id": "a", "prompt": "word " * 50, "max_tokens": 8}, {"id": "b", "prompt": "x"}])
+    budget = 20 * spec.config.kv_bytes_per_token
+    plan = build_plan(path, spec, tokenizer, config(kv_budget_bytes=budget))
+    assert [r.id for r in plan.requests] == ["b"]
+    assert plan.invalid[0].code == "kv_budget_exceeded" and "--kv-budget" in plan.invalid[0].message
+
+
+def test_unusable_files_are_user_errors(tmp_path: Path, spec, tokenizer) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(UserError, match="empty"):
+        build_plan(empty, spec, tokenizer, config())
+    csv = tmp_path / "data.csv"
+    csv.write_text("id,prompt\n1,hello\n")
+    with pytest.raises(UserError, match="not a JSONL file"):
+        build_plan(csv, spec, tokenizer, config())
+    with pytest.raises(UserError, match="no such file"):
+        build_plan(tmp_path / "absent.jsonl", spec, tokenizer, config())
+
+
+def test_damaged_or_foreign_plan_files_are_user_errors(tmp_path: Path, spec, tokenizer) -> None:
+    plan = build_plan(SAMPLE / "requests.jsonl", spec, tokenizer, config())
+    path = tmp_path / "p.plan"
+    save_plan(plan, path)
+    data = path.read_bytes()
+    (tmp_path / "cut.plan").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="truncated"):
+        load_plan(tmp_path / "cut.plan")
+    (tmp_path / "other.plan").write_text("hello")
+    with pytest.raises(UserError, match="not a batchrun plan"):
+        load_plan(tmp_path / "other.plan")
+
+
+def test_check_plan_refuses_changed_input_or_model(tmp_path: Path, spec, tokenizer) -> None:
+    path = write(tmp_path, [{"id": "a", "prompt": "hello"}])
+    plan = build_plan(path, spec, tokenizer, config())
+    check_plan(plan.header, input_fingerprint=file_fingerprint(path), model=spec)
+    path.write_text('{"id": "a", "prompt": "hello!"}\n')
+    with pytest.raises(UserError, match="has changed"):
+        check_plan(plan.header, input_fingerprint=file_fingerprint(path), model=spec)
+    other = dataclasses.replace(spec, fingerprint="0" * 16)
+    with pytest.raises(UserError, match="not the model"):
+        check_plan(plan.header, input_fingerprint=None, model=other)
+
+
+@pytest.mark.parametrize(("text", "size"), [("4GiB", 4 << 30), ("512MiB", 512 << 20), ("2G", 2 * 10**9),
+                                            ("1000", 1000), ("1.5KiB", 1536), ("1e9", 10**9)])
+def test_parse_size(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+def test_parse_size_rejects_nonsense() -> None:
+    with pytest.raises(UserError):
+        parse_size("lots")
