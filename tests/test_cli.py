@@ -7,6 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
+from batchrun.errors import UserError
+from batchrun.runner import resolve_device
+
 SAMPLE = Path(__file__).parent.parent / "sample_data"
 
 
@@ -70,3 +76,10 @@ def test_user_mistakes_are_one_line_errors_without_traceback(tmp_path: Path) -> 
         assert "Traceback" not in result.stderr, args
         assert result.stderr.strip().startswith("error:"), (args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1, (args, result.stderr)
+
+
+def test_device_choice() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    with pytest.raises(UserError):
+        resolve_device("tpu")

@@ -15,3 +15,7 @@ MAX_LEVELS = 4  # deepest chain of shared prefixes a request reads
 # Running.
 DEVICE = "auto"
 PROGRESS_INTERVAL_S = 5.0  # plain progress lines when stdout is not a terminal
+# Tokens one engine step computes: every decode token, then prefill chunks up to this (larger chunks keep the
+# matrix products efficient; smaller ones let decode steps come sooner).
+MAX_STEP_TOKENS = 2048
+RUN_SEED = 0  # the run-level sampling stream of requests that give no seed

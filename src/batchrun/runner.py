@@ -55,6 +55,7 @@ def plan_model(plan: Plan, model: str | None) -> ModelSpec:
 
 def run_plan_file(plan_path: Path, output: Path, *, errors_path: Path | None, model: str | None, device: str,
                   console: Console) -> RunOutcome:
+    from batchrun.attention import select_backend
     from batchrun.engine.engine import Engine
     from batchrun.model.loader import load_model
     from batchrun.tokenizer import load_tokenizer
@@ -79,7 +80,8 @@ def run_plan_file(plan_path: Path, output: Path, *, errors_path: Path | None, mo
                 if not writer.is_done(record):
                     progress.write_error(record)
             skip_ids = {r.id for r in plan.requests if writer.is_done(r)}
-            engine = Engine(loaded, tokenizer, plan, kv_budget_bytes=plan.header.params["kv_budget_bytes"])
+            engine = Engine(loaded, tokenizer, plan, kv_budget_bytes=plan.header.params["kv_budget_bytes"],
+                            backend=select_backend(torch_device))
             start = time.perf_counter()
             summary = engine.run(progress, metrics, skip_ids=skip_ids)
             wall = time.perf_counter() - start

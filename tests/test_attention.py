@@ -1,0 +1,268 @@
+"""The torch cascade path (prefix parts per depth + own part + LSE merges) against plain float64 attention over
+each row's concatenated KV, on random shapes, GQA, multi-level prefixes, chunked prefill and empty parts."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from batchrun import attention as attn
+
+
+def _reference(q, k_cache, v_cache, keys_per_row, sm_scale):
+    """Plain softmax attention, row by row, over explicit key lists; natural-log LSE."""
+    num_rows, num_q_heads, head_dim = q.shape
+    group = num_q_heads // k_cache.shape[1]
+    o = torch.zeros(num_rows, num_q_heads, head_dim, dtype=torch.float64)
+    lse = torch.full((num_rows, num_q_heads), -math.inf, dtype=torch.float64)
+    for r, keys in enumerate(keys_per_row):
+        if not keys:
+            continue
+        idx = torch.tensor(keys)
+        k = k_cache[idx].double().repeat_interleave(group, dim=1)  # [L, Hq, D]
+        v = v_cache[idx].double().repeat_interleave(group, dim=1)
+        s = torch.einsum("hd,lhd->hl", q[r].double(), k) * sm_scale
+        lse[r] = torch.logsumexp(s, -1)
+        o[r] = torch.einsum("hl,lhd->hd", torch.softmax(s, -1), v)
+    return o, lse
+
+
+def _random_cascade(rng, *, num_kv_heads, group, head_dim, num_depths, dtype=torch.float64):
+    """A random tree of prefix segments and sequences (decode rows and prefill chunks) over a slot pool."""
+    num_slots = 4000
+    perm = rng.permutation(num_slots)  # slots are scattered, as the page-size-1 pool leaves them
+    next_slot = 0
+
+    def take(n):
+        nonlocal next_slot
+        out = perm[next_slot : next_slot + n].tolist()
+        next_slot += n
+        return out
+
+    # Each sequence: a chain of prefix nodes (depth 0..d-1), own KV, and q_len rows at the end of it.
+    nodes = {}  # (depth, key) → slots
+    seqs = []
+    num_groups = int(rng.integers(1, 4))
+    for g in range(num_groups):
+        chain_len = int(rng.integers(0, num_depths + 1))
+        for sub in range(int(rng.integers(1, 3))):
+            chain = []
+            for d in range(chain_len):
+                key = (d, g, sub if d == chain_len - 1 and d > 0 else 0)
+                if key not in nodes:
+                    nodes[key] = take(int(rng.integers(0, 40)) if rng.random() < 0.9 else 0)
+                chain.append(key)
+            for _ in range(int(rng.integers(1, 5))):
+                kv_len = int(rng.integers(0, 30))
+                q_len = int(rng.choice([1, 1, kv_len, max(kv_len // 2, 1), kv_len + 2]))
+                seqs.append((chain, take(kv_len), q_len))
+    num_rows = sum(s[2] for s in seqs)
+    q = torch.randn(num_rows, num_kv_heads * group, head_dim, dtype=torch.float64).to(dtype)
+    k_cache = torch.randn(num_slots, num_kv_heads, head_dim, dtype=torch.float64).to(dtype)
+    v_cache = torch.randn(num_slots, num_kv_heads, head_dim, dtype=torch.float64).to(dtype)
+    return q, k_cache, v_cache, nodes, seqs
+
+
+def _cascade_inputs(nodes, seqs, num_depths):
+    """Own metadata over all sequences; per depth, segments = runs of consecutive rows reading one node."""
+    q_indptr = np.cumsum([0] + [s[2] for s in seqs])
+    own_kv = [s[1] for s in seqs]
+    own = dict(
+        q_indptr=torch.tensor(q_indptr),
+        kv_indices=torch.tensor(sum(own_kv, []), dtype=torch.int64),
+        kv_indptr=torch.tensor(np.cumsum([0] + [len(k) for k in own_kv])),
+    )
+    prefix = []
+    for d in range(num_depths):
+        runs = []  # [node, first row, num rows]
+        for i, (chain, _, q_len) in enumerate(seqs):
+            if len(chain) <= d or q_len == 0:
+                continue
+            if runs and runs[-1][0] == chain[d] and runs[-1][1] + runs[-1][2] == q_indptr[i]:
+                runs[-1][2] += q_len
+            else:
+                runs.append([chain[d], int(q_indptr[i]), q_len])
+        if not runs:
+            continue
+        kv = [nodes[r[0]] for r in runs]
+        rows = torch.tensor(np.concatenate([np.arange(r[1], r[1] + r[2]) for r in runs]))
+        meta = dict(
+            q_start=torch.tensor([r[1] for r in runs]),
+            q_len=torch.tensor([r[2] for r in runs]),
+            kv_indices=torch.tensor(sum(kv, []), dtype=torch.int64),
+            kv_indptr=torch.tensor(np.cumsum([0] + [len(k) for k in kv])),
+        )
+        prefix.append((meta, rows))
+    return own, prefix
+
+
+def _keys_per_row(nodes, seqs):
+    keys = []
+    for chain, own_kv, q_len in seqs:
+        prefix = sum((nodes[c] for c in chain), [])
+        for i in range(q_len):
+            keys.append(prefix + own_kv[: max(len(own_kv) - q_len + i + 1, 0)])
+    return keys
+
+
+@pytest.fixture(params=["fused", "matmul"])
+def kernel(request, monkeypatch):
+    """Both torch paths: the fused CPU flash-attention op, and the unfused matmul fallback."""
+    if request.param == "matmul":
+        monkeypatch.setattr(attn, "_FUSED_CPU_OP", None)
+    elif attn._FUSED_CPU_OP is None:
+        pytest.skip("this torch has no fused CPU attention op")
+    return request.param
+
+
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("num_depths", [1, 2, 3])
+def test_cascade_matches_concatenated_kv_float64(group, num_depths, kernel):
+    rng = np.random.default_rng(100 * group + num_depths)
+    torch.manual_seed(100 * group + num_depths)
+    for _ in range(6):
+        num_kv_heads, head_dim = int(rng.integers(1, 3)), int(rng.choice([8, 16]))
+        q, k_cache, v_cache, nodes, seqs = _random_cascade(
+            rng, num_kv_heads=num_kv_heads, group=group, head_dim=head_dim, num_depths=num_depths
+        )
+        sm_scale = head_dim**-0.5
+        own, prefix = _cascade_inputs(nodes, seqs, num_depths)
+        o, lse = attn.own_attention(q, k_cache, v_cache, sm_scale=sm_scale, **own)
+        for meta, rows in prefix:
+            o_p, lse_p = attn.prefix_attention(q, k_cache, v_cache, sm_scale=sm_scale, **meta)
+            assert o_p.shape[0] == len(rows)
+            attn.merge_state_into(o, lse, o_p, lse_p, rows=rows)
+        o_ref, lse_ref = _reference(q, k_cache, v_cache, _keys_per_row(nodes, seqs), sm_scale)
+        assert not torch.isnan(o).any() and not torch.isnan(lse).any()
+        torch.testing.assert_close(o, o_ref, rtol=0, atol=1e-12)
+        assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref))
+        finite = torch.isfinite(lse_ref)
+        torch.testing.assert_close(lse[finite], lse_ref[finite], rtol=0, atol=1e-12)
+
+
+def test_float32_and_bfloat16_pools_are_close_to_float64(kernel):
+    rng = np.random.default_rng(7)
+    torch.manual_seed(7)
+    q, k_cache, v_cache, nodes, seqs = _random_cascade(rng, num_kv_heads=2, group=2, head_dim=16, num_depths=2)
+    keys = _keys_per_row(nodes, seqs)
+    o_ref, _ = _reference(q, k_cache, v_cache, keys, 0.25)
+    own, prefix = _cascade_inputs(nodes, seqs, 2)
+    for dtype, atol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+        qd, kd, vd = q.to(dtype), k_cache.to(dtype), v_cache.to(dtype)
+        o, lse = attn.own_attention(qd, kd, vd, sm_scale=0.25, **own)
+        assert o.dtype == torch.float32 and lse.dtype == torch.float32
+        for meta, rows in prefix:
+            attn.merge_state_into(o, lse, *attn.prefix_attention(qd, kd, vd, sm_scale=0.25, **meta), rows=rows)
+        torch.testing.assert_close(o.double(), o_ref, rtol=0, atol=atol)
+
+
+def test_chunked_prefill_equals_one_shot():
+    """A sequence prefilled in chunks (q rows at the end of a growing KV) equals one causal pass."""
+    torch.manual_seed(0)
+    q = torch.randn(50, 4, 16, dtype=torch.float64)
+    k_cache = torch.randn(60, 2, 16, dtype=torch.float64)
+    v_cache = torch.randn(60, 2, 16, dtype=torch.float64)
+    slots = torch.randperm(60)[:50]
+    whole = attn.own_attention(
+        q, k_cache, v_cache, q_indptr=torch.tensor([0, 50]), kv_indices=slots,
+        kv_indptr=torch.tensor([0, 50]), sm_scale=0.25,
+    )
+    # Chunks [0, 13), [13, 30), [30, 50) as three sequences in one call, each seeing the KV up to its end.
+    ends = [13, 30, 50]
+    kv = torch.cat([slots[:e] for e in ends])
+    chunked = attn.own_attention(
+        q, k_cache, v_cache, q_indptr=torch.tensor([0, 13, 30, 50]), kv_indices=kv,
+        kv_indptr=torch.tensor([0, 13, 43, 93]), sm_scale=0.25,
+    )
+    torch.testing.assert_close(chunked.o, whole.o, rtol=0, atol=1e-12)
+    torch.testing.assert_close(chunked.lse, whole.lse, rtol=0, atol=1e-12)
+
+
+def test_long_causal_segment_is_split_into_blocks(monkeypatch, kernel):
+    monkeypatch.setattr(attn, "Q_BLOCK", 16)
+    torch.manual_seed(1)
+    q = torch.randn(70, 2, 8, dtype=torch.float64)
+    k_cache = torch.randn(100, 1, 8, dtype=torch.float64)
+    v_cache = torch.randn(100, 1, 8, dtype=torch.float64)
+    slots = list(range(100))
+    # Two sequences: 45 rows at the end of 80 keys, 25 rows over 20 keys (the first 5 rows see nothing).
+    o, lse = attn.own_attention(
+        q, k_cache, v_cache, q_indptr=torch.tensor([0, 45, 70]),
+        kv_indices=torch.tensor(slots[:80] + slots[80:100]), kv_indptr=torch.tensor([0, 80, 100]), sm_scale=0.3,
+    )
+    keys = [slots[: 80 - 45 + i + 1] for i in range(45)] + [slots[80 : 80 + max(20 - 25 + i + 1, 0)] for i in range(25)]
+    o_ref, lse_ref = _reference(q, k_cache, v_cache, keys, 0.3)
+    torch.testing.assert_close(o, o_ref, rtol=0, atol=1e-12)
+    assert torch.isinf(lse[45:50]).all() and (o[45:50] == 0).all()
+    torch.testing.assert_close(lse[50:], lse_ref[50:], rtol=0, atol=1e-12)
+
+
+def test_empty_parts_and_merges_never_nan(kernel):
+    q = torch.randn(3, 2, 8)
+    k_cache = torch.randn(10, 1, 8)
+    v_cache = torch.randn(10, 1, 8)
+    # A prefix segment with no keys, and a zero-row segment.
+    o, lse = attn.prefix_attention(
+        q, k_cache, v_cache, q_start=torch.tensor([0, 2]), q_len=torch.tensor([2, 0]),
+        kv_indices=torch.tensor([], dtype=torch.int64), kv_indptr=torch.tensor([0, 0, 0]), sm_scale=1.0,
+    )
+    assert o.shape == (2, 2, 8) and (o == 0).all() and torch.isneginf(lse).all()
+    # An own part with no keys at all.
+    o2, lse2 = attn.own_attention(
+        q, k_cache, v_cache, q_indptr=torch.tensor([0, 3]), kv_indices=torch.tensor([], dtype=torch.int64),
+        kv_indptr=torch.tensor([0, 0]), sm_scale=1.0,
+    )
+    assert (o2 == 0).all() and torch.isneginf(lse2).all()
+    # Two empty parts merge to empty; an empty part merged with a full one leaves it unchanged.
+    v, s = attn.merge_state(o2, lse2, o2, lse2)
+    assert (v == 0).all() and torch.isneginf(s).all()
+    full_o, full_lse = torch.randn(3, 2, 8), torch.randn(3, 2)
+    v, s = attn.merge_state(full_o, full_lse, o2, lse2)
+    assert torch.equal(v, full_o) and torch.equal(s, full_lse)
+    attn.merge_state_into(o2, lse2, full_o[:2], full_lse[:2], rows=slice(0, 2))
+    assert torch.equal(o2[:2], full_o[:2]) and torch.isneginf(lse2[2]).all()
+
+
+def test_merge_state_equals_attention_over_the_union():
+    torch.manual_seed(3)
+    q = torch.randn(4, 4, 8, dtype=torch.float64)
+    k_cache = torch.randn(30, 2, 8, dtype=torch.float64)
+    v_cache = torch.randn(30, 2, 8, dtype=torch.float64)
+
+    def part(slots):
+        return attn.prefix_attention(
+            q, k_cache, v_cache, q_start=torch.tensor([0]), q_len=torch.tensor([4]),
+            kv_indices=torch.tensor(slots), kv_indptr=torch.tensor([0, len(slots)]), sm_scale=0.5,
+        )
+
+    a, b, c = part(list(range(0, 7))), part(list(range(7, 20))), part(list(range(20, 30)))
+    whole = part(list(range(30)))
+    left = attn.merge_state(*attn.merge_state(*a, *b), *c)
+    right = attn.merge_state(*a, *attn.merge_state(*b, *c))
+    for merged in (left, right):
+        torch.testing.assert_close(merged.o, whole.o, rtol=0, atol=1e-12)
+        torch.testing.assert_close(merged.lse, whole.lse, rtol=0, atol=1e-12)
+
+
+def test_buckets_pad_similar_segments_together_and_split_outliers():
+    # 40 decode rows of similar KV length and one long one: the long one gets its own bucket.
+    q_indptr = np.arange(42)
+    kv_len = np.r_[np.full(40, 50), 5000]
+    kv_indptr = np.r_[0, np.cumsum(kv_len)]
+    plan = attn.plan_own(
+        q_indptr=q_indptr, kv_indices=np.arange(kv_indptr[-1]), kv_indptr=kv_indptr, group=1,
+        device=torch.device("cpu"),
+    )
+    assert len(plan.buckets) == 2 and not plan.is_direct
+    uniform = attn.plan_own(
+        q_indptr=np.arange(5), kv_indices=np.arange(40), kv_indptr=np.arange(0, 41, 10), group=1,
+        device=torch.device("cpu"),
+    )
+    assert len(uniform.buckets) == 1 and uniform.is_direct and uniform.buckets[0].mask is None
+
+
+def test_select_backend_on_cpu_is_torch():
+    assert attn.select_backend(torch.device("cpu")).name == "torch"
