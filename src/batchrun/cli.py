@@ -24,7 +24,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # messages stay one line in logs, however long
 F = TypeVar("F", bound=Callable[..., Any])
 
 ModelOption = Annotated[str, typer.Option("--model", "-m", help="A Hugging Face model directory, or the name "
