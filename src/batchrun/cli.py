@@ -116,12 +116,24 @@ def run(
     model: Annotated[str | None, typer.Option("--model", "-m", help="Another copy of the plan's model "
                                               "[default: the model the plan names].", show_default=False)] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = defaults.DEVICE,
+    workers: Annotated[int | None, typer.Option("--workers", min=1, help="Run on N workers (one per GPU, else "
+                                                "CPU processes) on a local Ray cluster; needs batchrun[ray].",
+                                                show_default=False)] = None,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="Join this Ray cluster (e.g. auto); "
+                                                    "--workers defaults to one per GPU there.",
+                                                    show_default=False)] = None,
     json: JsonOption = False,
 ) -> None:
     """Execute a plan: each shared prefix computed once, every result appended to the output as it finishes."""
-    from batchrun.runner import run_plan_file
+    if workers is not None or ray_address is not None:
+        from batchrun.distributed.driver import run_distributed
 
-    outcome = run_plan_file(plan_path, output, errors_path=errors, model=model, device=device, console=err)
+        outcome = run_distributed(plan_path, output, errors_path=errors, model=model, device=device,
+                                  workers=workers, ray_address=ray_address, console=err)
+    else:
+        from batchrun.runner import run_plan_file
+
+        outcome = run_plan_file(plan_path, output, errors_path=errors, model=model, device=device, console=err)
     summary = {"requests": outcome.num_requests, "resumed": outcome.num_resumed,
                "completed": outcome.num_completed, "failed": outcome.num_failed,
                "output_tokens": outcome.output_tokens, "wall_seconds": round(outcome.wall_seconds, 3),

@@ -30,6 +30,8 @@ STEP_FLUSH_STEPS = 256
 STEP_FLUSH_INTERVAL_S = 2.0
 STEP_FIELDS = ("t", "seconds", "num_running", "num_decode_tokens", "num_prefill_tokens", "kv_bytes")
 SUMMARY_FIELDS = ("wall_seconds", "prompt_tokens", "computed_prompt_tokens", "output_tokens", "peak_kv_bytes")
+# A distributed run's per-worker record (besides node and device): the report derives its throughput.
+WORKER_FIELDS = ("worker", "units", "requests", "busy_seconds", "computed_prompt_tokens", "output_tokens")
 _NUM_WINDOWS = 10  # rows of the "over time" table
 _NUM_PLOT_BINS = 60
 
@@ -71,13 +73,20 @@ class MetricsRecorder:
         self._append([orjson.dumps({"type": "run", "time": time.time(), **run_info})])
 
     def record_step(self, *, seconds: float, num_running: int, num_decode_tokens: int,
-                    num_prefill_tokens: int, kv_bytes: int) -> None:
+                    num_prefill_tokens: int, kv_bytes: int, t: float | None = None,
+                    worker: int | None = None) -> None:
+        """A step that just ended; or, for a step a distributed worker ran, when it ended (`t`, seconds from
+        the start of generation) and the `worker` that ran it."""
         now = time.perf_counter()
-        self._buffer.append(orjson.dumps({
-            "type": "step", "t": round(now - self._start, 6), "seconds": round(seconds, 6),
+        t = now - self._start if t is None else t
+        record = {
+            "type": "step", "t": round(t, 6), "seconds": round(seconds, 6),
             "num_running": num_running, "num_decode_tokens": num_decode_tokens,
             "num_prefill_tokens": num_prefill_tokens, "kv_bytes": kv_bytes,
-        }))
+        }
+        if worker is not None:
+            record["worker"] = worker
+        self._buffer.append(orjson.dumps(record))
         if len(self._buffer) >= STEP_FLUSH_STEPS or now - self._last_flush >= STEP_FLUSH_INTERVAL_S:
             self.flush()
 
@@ -86,6 +95,16 @@ class MetricsRecorder:
             self._append(self._buffer)
             self._buffer = []
         self._last_flush = time.perf_counter()
+
+    def record_worker(self, *, worker: int, node: str, device: str, units: int, requests: int,
+                      busy_seconds: float, computed_prompt_tokens: int, output_tokens: int, is_lost: bool) -> None:
+        """A distributed run's totals for one worker (before `close`): `busy_seconds` is the time its units
+        ran; `is_lost` that it died during the run (its unfinished work went to the others)."""
+        self._buffer.append(orjson.dumps({
+            "type": "worker", "worker": worker, "node": node, "device": device, "units": units,
+            "requests": requests, "busy_seconds": round(busy_seconds, 6),
+            "computed_prompt_tokens": computed_prompt_tokens, "output_tokens": output_tokens, "is_lost": is_lost,
+        }))
 
     def close(self, *, wall_seconds: float, prompt_tokens: int, computed_prompt_tokens: int,
               output_tokens: int, peak_kv_bytes: int) -> None:
@@ -173,6 +192,7 @@ class Segment:
     run_info: dict[str, Any]
     steps: Steps
     summary: dict[str, Any] | None
+    workers: tuple[dict[str, Any], ...] = ()  # a distributed run's per-worker records
 
     @property
     def is_killed(self) -> bool:
@@ -252,6 +272,13 @@ class Report:
     def num_killed_segments(self) -> int:
         return sum(s.is_killed for s in self.segments)
 
+    @property
+    def workers(self) -> list[dict[str, Any]]:
+        """Per-worker records of the distributed segments, each with its segment's index and its output
+        tokens per busy second."""
+        return [{"segment": i, **w, "output_tokens_per_s": w["output_tokens"] / w["busy_seconds"]
+                 if w["busy_seconds"] > 0 else 0.0} for i, s in enumerate(self.segments) for w in s.workers]
+
 
 def load_report(path: str | os.PathLike[str], *, errors_path: str | os.PathLike[str] | None = None,
                 name: str | None = None) -> Report:
@@ -287,10 +314,13 @@ def _load_segments(path: Path) -> list[Segment]:
     run: dict[str, Any] | None = None
     rows: list[tuple[float, float, int, int, int, int]] = []
     summary: dict[str, Any] | None = None
+    workers: list[dict[str, Any]] = []
 
     def close_segment() -> None:
         if run is not None:
-            segments.append(Segment(run_info=run, steps=Steps.from_rows(rows), summary=summary))
+            # Workers' steps arrive in batches, not in time order: sorting by t is a no-op for one engine.
+            segments.append(Segment(run_info=run, steps=Steps.from_rows(sorted(rows)), summary=summary,
+                                    workers=tuple(workers)))
 
     for line_no, rec in iter_jsonl(path, allow_torn_tail=True):
         kind = rec.get("type")
@@ -298,18 +328,22 @@ def _load_segments(path: Path) -> list[Segment]:
         if kind == "run":
             close_segment()
             run = {k: v for k, v in rec.items() if k != "type"}
-            rows, summary = [], None
-        elif kind in ("step", "summary"):
+            rows, summary, workers = [], None, []
+        elif kind in ("step", "summary", "worker"):
             if run is None:
                 raise UserError(f"{where}: a {kind!r} record before any 'run' record")
             if summary is not None:
                 raise UserError(f"{where}: a {kind!r} record after the segment's summary")
             if kind == "step":
                 rows.append(tuple(_number(rec, k, where) for k in STEP_FIELDS))  # type: ignore[arg-type]
+            elif kind == "worker":
+                workers.append({"node": str(rec.get("node", "?")), "device": str(rec.get("device", "?")),
+                                "is_lost": bool(rec.get("is_lost", False)),
+                                **{k: _number(rec, k, where) for k in WORKER_FIELDS}})
             else:
                 summary = {k: _number(rec, k, where) for k in SUMMARY_FIELDS}
         else:
-            raise UserError(f"{where}: unknown record type {kind!r} (expected run, step or summary)")
+            raise UserError(f"{where}: unknown record type {kind!r} (expected run, step, worker or summary)")
     close_segment()
     if not segments:
         raise UserError(f"metrics file {path} has no 'run' record: it is empty or not a batchrun metrics file")
@@ -408,6 +442,7 @@ def report_json(report: Report) -> dict[str, Any]:
         "mean_tokens_per_step": (
             float((steps.num_decode_tokens + steps.num_prefill_tokens).mean()) if len(steps) else 0.0
         ),
+        "workers": report.workers,
     }
 
 
@@ -419,6 +454,8 @@ def render_report(console: Console, reports: Report | Sequence[Report]) -> None:
         console.print(_summary_table(reports[0]))
         if len(reports[0].steps):
             console.print(_over_time_table(reports[0]))
+        if reports[0].workers:
+            console.print(_workers_table(reports[0]))
     else:
         console.print(_comparison_table(reports))
 
@@ -484,6 +521,17 @@ def _over_time_table(report: Report) -> Table:
             f"{int(steps.num_prefill_tokens[sel].sum()):,}",
             f"{steps.num_decode_tokens[sel].sum() / span:,.1f}", _human_bytes(int(steps.kv_bytes[sel].max())),
         )
+    return table
+
+
+def _workers_table(report: Report) -> Table:
+    table = Table(title="workers (distributed runs)")
+    for name in ("run", "worker", "node", "device", "units", "requests", "busy s", "output tok/s", "lost"):
+        table.add_column(name, justify="left" if name in ("node", "device") else "right")
+    for w in report.workers:
+        table.add_row(str(w["segment"]), str(w["worker"]), w["node"], w["device"], f"{int(w['units']):,}",
+                      f"{int(w['requests']):,}", f"{w['busy_seconds']:.2f}", f"{w['output_tokens_per_s']:,.1f}",
+                      "yes" if w["is_lost"] else "")
     return table
 
 
