@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from batchrun import attention as attn
+from batchrun import attention_plan, attention_run
 
 
 def _reference(q, k_cache, v_cache, keys_per_row, sm_scale):
@@ -112,8 +113,8 @@ def _keys_per_row(nodes, seqs):
 def kernel(request, monkeypatch):
     """Both torch paths: the fused CPU flash-attention op, and the unfused matmul fallback."""
     if request.param == "matmul":
-        monkeypatch.setattr(attn, "_FUSED_CPU_OP", None)
-    elif attn._FUSED_CPU_OP is None:
+        monkeypatch.setattr(attention_run, "_FUSED_CPU_OP", None)
+    elif attention_run._FUSED_CPU_OP is None:
         pytest.skip("this torch has no fused CPU attention op")
     return request.param
 
@@ -182,7 +183,7 @@ def test_chunked_prefill_equals_one_shot():
 
 
 def test_long_causal_segment_is_split_into_blocks(monkeypatch, kernel):
-    monkeypatch.setattr(attn, "Q_BLOCK", 16)
+    monkeypatch.setattr(attention_plan, "Q_BLOCK", 16)
     torch.manual_seed(1)
     q = torch.randn(70, 2, 8, dtype=torch.float64)
     k_cache = torch.randn(100, 1, 8, dtype=torch.float64)
@@ -252,12 +253,12 @@ def test_buckets_pad_similar_segments_together_and_split_outliers():
     q_indptr = np.arange(42)
     kv_len = np.r_[np.full(40, 50), 5000]
     kv_indptr = np.r_[0, np.cumsum(kv_len)]
-    plan = attn.plan_own(
+    plan = attention_plan.plan_own(
         q_indptr=q_indptr, kv_indices=np.arange(kv_indptr[-1]), kv_indptr=kv_indptr, group=1,
         device=torch.device("cpu"),
     )
     assert len(plan.buckets) == 2 and not plan.is_direct
-    uniform = attn.plan_own(
+    uniform = attention_plan.plan_own(
         q_indptr=np.arange(5), kv_indices=np.arange(40), kv_indptr=np.arange(0, 41, 10), group=1,
         device=torch.device("cpu"),
     )

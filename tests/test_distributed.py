@@ -39,7 +39,8 @@ from batchrun.plan import build_plan, save_plan
 from batchrun.planner import PlanLayout, PlannerConfig, kv_tokens, node_span, plan_requests
 from batchrun.requests import Request, SamplingParams
 from batchrun.runner import run_plan_file
-from batchrun.stats import MetricsRecorder, load_report, metrics_path_for, render_report, report_json
+from batchrun.stats import MetricsRecorder, load_report, metrics_path_for, report_json
+from batchrun.stats_view import render_report
 from batchrun.tokenizer import load_tokenizer
 from batchrun.tokens import TokenTable
 from checkpoints import make_checkpoint

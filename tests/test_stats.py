@@ -17,11 +17,10 @@ from batchrun.stats import (
     check_same_plan,
     load_report,
     metrics_path_for,
-    plot_report,
-    render_report,
     report_json,
     stats_target_kind,
 )
+from batchrun.stats_view import plot_report, render_report
 
 
 def step(t, seconds, running, decode, prefill, kv):

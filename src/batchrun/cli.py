@@ -160,7 +160,8 @@ def stats(
     """Report what runs achieved and where the time went; several runs are compared side by side."""
     from batchrun.plan import load_plan_header
     from batchrun.plan_view import plan_summary_json, render_plan_summary
-    from batchrun.stats import load_report, plot_report, render_report, report_json, stats_target_kind
+    from batchrun.stats import load_report, report_json, stats_target_kind
+    from batchrun.stats_view import plot_report, render_report
 
     if len(paths) == 1 and stats_target_kind(paths[0]) == "plan":
         header = load_plan_header(paths[0])
