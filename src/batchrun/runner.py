@@ -5,6 +5,8 @@ output (resuming what is there), writes the plan's error records, and runs the e
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +55,42 @@ def plan_model(plan: Plan, model: str | None) -> ModelSpec:
     return spec
 
 
+@dataclass
+class RunSession:
+    """An open run: the output (resumed), progress and metrics; the plan's error records already written."""
+
+    writer: OutputWriter
+    progress: ProgressWriter
+    metrics: MetricsRecorder
+    num_resumed: int
+    total: int  # valid requests plus invalid lines: one output line each
+
+    def skip_ids(self, plan: Plan) -> set[str]:
+        return {r.id for r in plan.requests if self.writer.is_done(r)}
+
+
+@contextmanager
+def open_run(plan: Plan, plan_path: Path, output: Path, *, errors_path: Path | None, spec: ModelSpec,
+             device: str, console: Console, **run_info: object) -> Iterator[RunSession]:
+    """Opens the output for appending (resuming what is there), the progress display and the metrics file,
+    and writes an error line for each of the plan's invalid records not yet in the output."""
+    check_same_plan(output, plan.header.fingerprint)
+    info = {"plan_fingerprint": plan.header.fingerprint, "plan": str(plan_path.resolve()),
+            "kv_budget_bytes": plan.header.params["kv_budget_bytes"], "device": device, "model": spec.name,
+            "dtype": spec.config.dtype, "errors_path": str(errors_path.resolve()) if errors_path else None,
+            **run_info}
+    with OutputWriter(output, errors_path=errors_path, model_name=spec.name) as writer:
+        num_resumed = sum(map(writer.is_done, plan.requests)) + sum(map(writer.is_done, plan.invalid))
+        total = len(plan.requests) + len(plan.invalid)
+        with ProgressWriter(writer, total=total, num_done=num_resumed, console=console,
+                            interval_s=defaults.PROGRESS_INTERVAL_S) as progress, \
+                MetricsRecorder(metrics_path_for(output), run_info=info) as metrics:
+            for record in plan.invalid:
+                if not writer.is_done(record):
+                    progress.write_error(record)
+            yield RunSession(writer, progress, metrics, num_resumed, total)
+
+
 def run_plan_file(plan_path: Path, output: Path, *, errors_path: Path | None, model: str | None, device: str,
                   console: Console) -> RunOutcome:
     from batchrun.attention import select_backend
@@ -62,28 +100,16 @@ def run_plan_file(plan_path: Path, output: Path, *, errors_path: Path | None, mo
 
     plan = load_plan(plan_path)
     spec = plan_model(plan, model)
-    check_same_plan(output, plan.header.fingerprint)
+    check_same_plan(output, plan.header.fingerprint)  # before loading the model: a mistake fails fast
     torch_device = resolve_device(device)
     loaded = load_model(spec, device=torch_device)
     tokenizer = load_tokenizer(spec)
-    run_info = {"plan_fingerprint": plan.header.fingerprint, "plan": str(plan_path.resolve()),
-                "kv_budget_bytes": plan.header.params["kv_budget_bytes"], "device": str(torch_device),
-                "model": spec.name, "dtype": spec.config.dtype,
-                "errors_path": str(errors_path.resolve()) if errors_path else None}
-    with OutputWriter(output, errors_path=errors_path, model_name=spec.name) as writer:
-        num_resumed = sum(writer.is_done(r) for r in plan.requests) + sum(writer.is_done(r) for r in plan.invalid)
-        total = len(plan.requests) + len(plan.invalid)
-        with ProgressWriter(writer, total=total, num_done=num_resumed, console=console,
-                            interval_s=defaults.PROGRESS_INTERVAL_S) as progress, \
-                MetricsRecorder(metrics_path_for(output), run_info=run_info) as metrics:
-            for record in plan.invalid:
-                if not writer.is_done(record):
-                    progress.write_error(record)
-            skip_ids = {r.id for r in plan.requests if writer.is_done(r)}
-            engine = Engine(loaded, tokenizer, plan, kv_budget_bytes=plan.header.params["kv_budget_bytes"],
-                            backend=select_backend(torch_device))
-            start = time.perf_counter()
-            summary = engine.run(progress, metrics, skip_ids=skip_ids)
-            wall = time.perf_counter() - start
-    return RunOutcome(num_requests=total, num_resumed=num_resumed, num_completed=summary.num_completed,
-                      num_failed=progress.num_failed, output_tokens=summary.output_tokens, wall_seconds=wall)
+    with open_run(plan, plan_path, output, errors_path=errors_path, spec=spec, device=str(torch_device),
+                  console=console) as run:
+        engine = Engine(loaded, tokenizer, plan, kv_budget_bytes=plan.header.params["kv_budget_bytes"],
+                        backend=select_backend(torch_device))
+        start = time.perf_counter()
+        summary = engine.run(run.progress, run.metrics, skip_ids=run.skip_ids(plan))
+        wall = time.perf_counter() - start
+    return RunOutcome(num_requests=run.total, num_resumed=run.num_resumed, num_completed=summary.num_completed,
+                      num_failed=run.progress.num_failed, output_tokens=summary.output_tokens, wall_seconds=wall)

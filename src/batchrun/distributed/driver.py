@@ -15,17 +15,14 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from batchrun import defaults
 from batchrun.distributed.dispatch import BatchEvent, Dispatcher
 from batchrun.distributed.units import TAIL_UNITS_PER_WORKER
 from batchrun.distributed.worker import FLUSH_RESULTS, UnitWorker
 from batchrun.errors import UserError
 from batchrun.model.spec import ModelSpec
-from batchrun.output import OutputWriter
 from batchrun.plan import load_plan
-from batchrun.progress import ProgressWriter
-from batchrun.runner import RunOutcome, plan_model
-from batchrun.stats import MetricsRecorder, check_same_plan, metrics_path_for
+from batchrun.runner import RunOutcome, open_run, plan_model
+from batchrun.stats import check_same_plan
 
 
 @dataclass(frozen=True)
@@ -67,33 +64,22 @@ def run_distributed(plan_path: Path, output: Path, *, errors_path: Path | None, 
     ray = _import_ray()
     plan = load_plan(plan_path)
     spec = plan_model(plan, model)
-    check_same_plan(output, plan.header.fingerprint)
+    check_same_plan(output, plan.header.fingerprint)  # before starting Ray: a mistake fails fast
     is_owner = not ray.is_initialized()
     if is_owner:
         _start_ray(ray, device=device, workers=workers, ray_address=ray_address)
     try:
         cluster = _cluster_spec(ray, device=device, workers=workers, cpus_per_worker=cpus_per_worker)
-        run_info = {"plan_fingerprint": plan.header.fingerprint, "plan": str(plan_path.resolve()),
-                    "kv_budget_bytes": plan.header.params["kv_budget_bytes"],
-                    "device": "cuda" if cluster.use_gpu else "cpu", "model": spec.name, "dtype": spec.config.dtype,
-                    "errors_path": str(errors_path.resolve()) if errors_path else None,
-                    "workers": cluster.num_workers, "ray_address": ray_address}
-        with OutputWriter(output, errors_path=errors_path, model_name=spec.name) as writer:
-            num_resumed = sum(map(writer.is_done, plan.requests)) + sum(map(writer.is_done, plan.invalid))
-            total = len(plan.requests) + len(plan.invalid)
-            with ProgressWriter(writer, total=total, num_done=num_resumed, console=console,
-                                interval_s=defaults.PROGRESS_INTERVAL_S) as progress, \
-                    MetricsRecorder(metrics_path_for(output), run_info=run_info) as metrics:
-                for record in plan.invalid:
-                    if not writer.is_done(record):
-                        progress.write_error(record)
-                is_done = np.fromiter(map(writer.is_done, plan.requests), bool, len(plan.requests))
-                dispatcher = Dispatcher(ray, plan, progress=progress, metrics=metrics, total=total,
-                                         results_per_batch=results_per_batch, on_batch=on_batch)
-                if not is_done.all():  # else nothing is left: no worker starts
-                    _run_workers(ray, dispatcher, cluster, spec, is_done=is_done,
-                                 tail_units_per_worker=tail_units_per_worker)
-                dispatcher.close_metrics()
+        with open_run(plan, plan_path, output, errors_path=errors_path, spec=spec,
+                      device="cuda" if cluster.use_gpu else "cpu", console=console,
+                      workers=cluster.num_workers, ray_address=ray_address) as run:
+            is_done = np.fromiter(map(run.writer.is_done, plan.requests), bool, len(plan.requests))
+            dispatcher = Dispatcher(ray, plan, progress=run.progress, metrics=run.metrics, total=run.total,
+                                    results_per_batch=results_per_batch, on_batch=on_batch)
+            if not is_done.all():  # else nothing is left: no worker starts
+                _run_workers(ray, dispatcher, cluster, spec, is_done=is_done,
+                             tail_units_per_worker=tail_units_per_worker)
+            dispatcher.close_metrics()
     finally:
         if is_owner:
             ray.shutdown()
@@ -101,8 +87,9 @@ def run_distributed(plan_path: Path, output: Path, *, errors_path: Path | None, 
         raise UserError(f"every worker died ({dispatcher.num_lost} of {cluster.num_workers}; the last: "
                         f"{dispatcher.last_loss}); the results so far are in {output}: run again to resume")
     return ClusterOutcome(
-        num_requests=total, num_resumed=num_resumed, num_completed=dispatcher.num_completed,
-        num_failed=progress.num_failed, output_tokens=progress.output_tokens, wall_seconds=dispatcher.wall_seconds,
+        num_requests=run.total, num_resumed=run.num_resumed, num_completed=dispatcher.num_completed,
+        num_failed=run.progress.num_failed, output_tokens=run.progress.output_tokens,
+        wall_seconds=dispatcher.wall_seconds,
         num_workers=len(dispatcher.workers), num_workers_lost=dispatcher.num_lost,
         num_units=dispatcher.num_units_done, num_requeued=dispatcher.num_requeued,
     )
