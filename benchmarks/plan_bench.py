@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from batchrun import defaults
-from batchrun.plan import parse_size
-from batchrun.planner import PlannerConfig, plan_requests, request_kv_bytes
+from batchrun.plan import Plan, PlanHeader, load_plan, parse_size, save_plan
+from batchrun.planner import PlanLayout, PlannerConfig, plan_requests, request_kv_bytes
+from batchrun.requests import Request, SamplingParams
 from batchrun.tokens import TokenTable
 from batchrun.trie import build_radix_tree
 
@@ -143,6 +146,25 @@ def tokenization_rate(work: Workload, rng: np.random.Generator, num_texts: int) 
     return len(table.tokens) / seconds, len(table.tokens)
 
 
+def plan_file_round_trip(table: TokenTable, layout: PlanLayout, max_tokens: np.ndarray) -> None:
+    """Saves and loads the plan file (the records of every request, the tokens, the layout): how long a
+    `batchrun run` waits for its plan."""
+    requests = [Request(line=i + 1, id=f"r{i}", format="plain", endpoint="completions",
+                        sampling=SamplingParams(max_tokens=int(m))) for i, m in enumerate(max_tokens)]
+    header = PlanHeader(input_path="bench", input_fingerprint="0", model_name="bench", model_path="bench",
+                        model_dtype="bfloat16", model_fingerprint="0", kv_bytes_per_token=KV_BYTES_PER_TOKEN,
+                        params={}, summary={}, created="", batchrun_version="")
+    plan = Plan(header=header, requests=requests, invalid=[], tokens=table, layout=layout)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bench.plan"
+        _, save_s = timed(lambda: save_plan(plan, path))
+        loaded, load_s = timed(lambda: load_plan(path))
+        assert len(loaded.requests) == len(requests)
+        size = path.stat().st_size
+    print(f"plan file:  {size / 2**30:.2f} GiB, saved in {save_s:.1f} s, loaded in {load_s:.1f} s "
+          f"(arrays memory-mapped)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=100_000)
@@ -179,6 +201,8 @@ def main() -> None:
           f"{layout.num_batches:,} batches (max {layout.max_batch_kv_bytes / 2**30:.2f} GiB of {args.kv_budget}); "
           f"prefill {layout.prefill_tokens:,} of {layout.prompt_tokens:,} prompt tokens "
           f"(saves {layout.saved_prefill_tokens / layout.prompt_tokens:.1%})")
+
+    plan_file_round_trip(table, layout, work.max_tokens)
 
     if args.tokenize_sample > 0:
         rate, sample_tokens = tokenization_rate(work, rng, min(args.tokenize_sample, args.requests))

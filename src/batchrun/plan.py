@@ -172,14 +172,9 @@ def _token_problem(parsed: ParsedLine, ids: list[int] | EncodeError, spec: Model
 
 
 def _layout_summary(layout: PlanLayout) -> dict[str, Any]:
-    return {f.name: _plain(getattr(layout, f.name)) for f in dataclasses.fields(layout)
-            if not isinstance(getattr(layout, f.name), np.ndarray)}
-
-
-def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return {k: _plain(v) for k, v in dataclasses.asdict(value).items()}
-    return value.item() if isinstance(value, np.generic) else value
+    """The layout's summary numbers (its fields that are not arrays)."""
+    values = {f.name: getattr(layout, f.name) for f in dataclasses.fields(layout)}
+    return {name: int(v) for name, v in values.items() if not isinstance(v, np.ndarray)}
 
 
 # -- the file -------------------------------------------------------------------------------------------------
@@ -195,7 +190,7 @@ def save_plan(plan: Plan, path: Path) -> None:
     arrays = {"tokens": plan.tokens.tokens, "token_indptr": plan.tokens.indptr}
     arrays |= {f"layout.{f.name}": getattr(plan.layout, f.name) for f in dataclasses.fields(plan.layout)
                if isinstance(getattr(plan.layout, f.name), np.ndarray)}
-    planfile.write_container(path, {"plan": header}, records, arrays)
+    planfile.write_container(path, {"plan": header, "layout": _layout_summary(plan.layout)}, records, arrays)
 
 
 def load_plan(path: Path) -> Plan:
@@ -206,7 +201,7 @@ def load_plan(path: Path) -> Plan:
     layout_fields = {}
     for f in dataclasses.fields(PlanLayout):
         key = f"layout.{f.name}"
-        layout_fields[f.name] = arrays[key] if key in arrays else _layout_value(f, plan_header.summary[f.name])
+        layout_fields[f.name] = arrays[key] if key in arrays else header["layout"][f.name]
     return Plan(
         header=plan_header,
         requests=[_request_from_record(r) for r in records["requests"]],
@@ -220,13 +215,6 @@ def load_plan_header(path: Path) -> PlanHeader:
     """The header alone (fast): for checks and summaries that need no arrays."""
     header, _ = planfile.read_header(path)
     return PlanHeader(**header["plan"])
-
-
-def _layout_value(f: dataclasses.Field, value: Any) -> Any:
-    kind = f.type if not isinstance(f.type, str) else None
-    if kind is not None and dataclasses.is_dataclass(kind):
-        return kind(**value)
-    return value
 
 
 def _request_record(r: Request) -> list[Any]:
