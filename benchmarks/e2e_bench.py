@@ -8,6 +8,7 @@ because this file also runs as the vLLM worker under vLLM's own Python.
 
   python benchmarks/e2e_bench.py                       # small default: a few minutes on 2 cores
   python benchmarks/e2e_bench.py --model-dir DIR --docs 8 --per-doc 16 --prefix 400 --vllm-python ~/vllm/bin/python
+  python benchmarks/e2e_bench.py --model-dir DIR --device cuda --dtype bfloat16 --hf-batch 32   # on a GPU
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def make_model_dir(path: Path) -> None:
 
 
 def run_batchrun(*, model_dir: Path, workload_path: Path, work_dir: Path, is_share: bool,
-                 env: dict[str, str]) -> dict[str, Any]:
+                 env: dict[str, str], dtype: str | None = None, device: str = "auto") -> dict[str, Any]:
     """`batchrun plan`, `batchrun run`, then `batchrun stats --json`, as a user would."""
     stem = work_dir / ("share" if is_share else "noshare")
     plan, out = stem.with_suffix(".plan"), stem.with_suffix(".out.jsonl")
@@ -69,9 +70,10 @@ def run_batchrun(*, model_dir: Path, workload_path: Path, work_dir: Path, is_sha
         p.unlink(missing_ok=True)  # a leftover output would be resumed, not recomputed
     cli = [sys.executable, "-m", "batchrun"]
     plan_cmd = [*cli, "plan", str(workload_path), "--model", str(model_dir), "-o", str(plan), "--json"]
-    _check(plan_cmd + ([] if is_share else ["--no-share"]), env)
+    plan_cmd += ([] if is_share else ["--no-share"]) + ([] if dtype is None else ["--dtype", dtype])
+    _check(plan_cmd, env)
     t0 = time.perf_counter()
-    _check([*cli, "run", "--plan", str(plan), "-o", str(out)], env)
+    _check([*cli, "run", "--plan", str(plan), "-o", str(out), "--device", device], env)
     process_s = time.perf_counter() - t0
     stats = json.loads(_check([*cli, "stats", str(out), "--json"], env).strip().splitlines()[-1])
     return {
@@ -125,31 +127,44 @@ def _read_rows(path: str) -> list[dict[str, Any]]:
 
 def worker_hf(a: argparse.Namespace) -> dict[str, Any]:
     """transformers' generate: greedy, fixed output length, left-padded batches of requests that ask for
-    the same number of tokens (padding is the peer's usual cost, so it stays in)."""
+    the same number of tokens (padding is the peer's usual cost, so it stays in). On CUDA, one short generate
+    first, untimed: CUDA and cuBLAS set-up stays out of the figure, as batchrun's excludes model loading."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(a.threads)
+    device = torch.device("cuda" if a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
     tok = AutoTokenizer.from_pretrained(a.model_dir)
     tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=torch.float32).eval()
+    dtype = getattr(torch, a.dtype or "float32")
+    model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=dtype).to(device).eval()
     rows = sorted(_read_rows(a.workload), key=lambda r: r["max_tokens"])
     dump: dict[str, list[int]] = {}
     prompt_tokens = output_tokens = 0
-    t0 = time.perf_counter()
+
+    def generate(chunk: list[dict[str, Any]], n: int) -> tuple[Any, Any]:
+        enc = tok([r["prompt"] for r in chunk], return_tensors="pt", padding=True).to(device)
+        out = model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
+        return enc, out[:, enc["input_ids"].shape[1]:].cpu()
+
     with torch.inference_mode():
+        if device.type == "cuda" and rows:
+            generate(rows[:a.batch], 2)
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
         i = 0
         while i < len(rows):
             n = rows[i]["max_tokens"]
             chunk = [r for r in rows[i:i + a.batch] if r["max_tokens"] == n]
             i += len(chunk)
-            enc = tok([r["prompt"] for r in chunk], return_tensors="pt", padding=True)
-            out = model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
-            new = out[:, enc["input_ids"].shape[1]:]
+            enc, new = generate(chunk, n)
             prompt_tokens += int(enc["attention_mask"].sum())
             output_tokens += new.numel()
             dump.update({r["id"]: o.tolist() for r, o in zip(chunk, new, strict=True)})
+        if device.type == "cuda":
+            torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     _dump(a.dump, dump)
     return {"seconds": seconds, "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
@@ -242,6 +257,11 @@ def parse_args() -> argparse.Namespace:
                     help="Hugging Face model directory [default: make the random 30M Llama in WORK_DIR]")
     ap.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR)
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for every system")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="batchrun run --device, and where transformers runs (vLLM: its CPU build regardless)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                    help="batchrun plan --dtype, and transformers' dtype [default: the model's own for batchrun, "
+                    "float32 for transformers]")
     ap.add_argument("--hf-batch", type=int, default=16)
     ap.add_argument("--vllm-python", default=None, help="the Python of a vLLM CPU install")
     ap.add_argument("--skip", default="", help="comma-separated systems to leave out: batchrun,noshare,hf")
@@ -279,11 +299,12 @@ def main() -> int:
     common = {"model_dir": model_dir, "workload_path": workload_path, "work_dir": work_dir, "env": env}
     jobs: dict[str, Any] = {}
     if "batchrun" not in skip:
-        jobs[BATCHRUN] = lambda: run_batchrun(is_share=True, **common)
+        jobs[BATCHRUN] = lambda: run_batchrun(is_share=True, dtype=a.dtype, device=a.device, **common)
     if "noshare" not in skip:
-        jobs[BATCHRUN_NO_SHARE] = lambda: run_batchrun(is_share=False, **common)
+        jobs[BATCHRUN_NO_SHARE] = lambda: run_batchrun(is_share=False, dtype=a.dtype, device=a.device, **common)
     if "hf" not in skip:
-        extra = ["--threads", str(a.threads), "--batch", str(a.hf_batch)]
+        extra = ["--threads", str(a.threads), "--batch", str(a.hf_batch), "--device", a.device,
+                 *([] if a.dtype is None else ["--dtype", a.dtype])]
         jobs[HF] = lambda: run_worker(sys.executable, "hf", extra=extra, **common)
     notes = []
     if a.vllm_python and Path(a.vllm_python).exists():
@@ -303,13 +324,14 @@ def main() -> int:
             results[name] = {"error": str(e)}
     rows = summarize(results)
     print(f"\nworkload: {config.num_requests} requests ({json.dumps(asdict(config))}); model {model_dir}; "
-          f"{a.threads} threads\n")
+          f"{a.threads} threads; device {a.device}; dtype {a.dtype or 'default'}\n")
     print(markdown_table(rows))
     for note in notes:
         print(f"\nnote: {note}")
     json_path = a.json or work_dir / "e2e_bench.json"
     json_path.write_text(json.dumps({"workload": asdict(config), "model_dir": str(model_dir),
-                                     "threads": a.threads, "systems": rows, "notes": notes}, indent=2))
+                                     "threads": a.threads, "device": a.device, "dtype": a.dtype,
+                                     "systems": rows, "notes": notes}, indent=2))
     print(f"\nwritten: {json_path}")
     return 1 if any("error" in row for row in rows.values()) else 0
 
