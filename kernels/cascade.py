@@ -9,6 +9,7 @@ import math
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -153,17 +154,20 @@ class LaunchConfig:
 
 
 @dataclass(frozen=True)
-class _Segments:
-    """Device metadata of one launch plus the host-side maxima the grid needs."""
+class AttentionPlan:
+    """One launch's metadata on the device plus the host-side maxima its grid needs. Made once per engine
+    step from host arrays (`plan_prefix`, `plan_own`) and reused by every layer: no device sync per call."""
 
     q_start: torch.Tensor
     q_len: torch.Tensor
     out_start: torch.Tensor
+    kv_indices: torch.Tensor
     kv_indptr: torch.Tensor
     num_out_rows: int
     max_q_len: int
     max_kv_len: int
     is_covered: bool  # every output row belongs to a segment (else rows outside start empty)
+    is_causal: bool  # the own part; the prefix part is not causal
 
 
 @functools.lru_cache(maxsize=8)
@@ -193,7 +197,7 @@ def _check_inputs(
 
 
 def _pick_config(
-    config: LaunchConfig, seg: _Segments, q: torch.Tensor, group: int, num_kv_heads: int
+    config: LaunchConfig, seg: AttentionPlan, q: torch.Tensor, group: int, num_kv_heads: int
 ) -> tuple[int, int, int, int]:
     """Returns (block_m, block_n, num_splits, keys_per_split)."""
     # 128-row tiles halve the re-reads of a long prefix by a large group; fp32 (ieee, no tensor cores) and
@@ -220,9 +224,19 @@ def _pick_config(
     return block_m, block_n, num_splits, keys_per_split
 
 
+def run_planned(
+    plan: AttentionPlan, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, sm_scale: float,
+    config: LaunchConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prefix or own part (as `plan` says) of q against the pool: (o, lse) as in the public functions."""
+    _check_inputs(q, k_cache, v_cache, plan.q_start, plan.q_len, plan.kv_indices, plan.kv_indptr)
+    assert not plan.is_causal or plan.num_out_rows == q.shape[0], "an own-part plan covers the rows of q"
+    return _attention(q, k_cache, v_cache, plan, sm_scale, config or LaunchConfig())
+
+
 def _attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_indices: torch.Tensor,
-    seg: _Segments, sm_scale: float, is_causal: bool, config: LaunchConfig,
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seg: AttentionPlan, sm_scale: float,
+    config: LaunchConfig,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[1]
@@ -244,12 +258,12 @@ def _attention(
     grid = (seg.q_len.shape[0] * num_m_tiles, num_kv_heads, num_splits)
     _cascade_attention_kernel[grid](
         q, k_cache, v_cache, o, lse,
-        seg.q_start, seg.q_len, seg.out_start, kv_indices, seg.kv_indptr,
+        seg.q_start, seg.q_len, seg.out_start, seg.kv_indices, seg.kv_indptr,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
         sm_scale * _LOG2E, keys_per_split, num_m_tiles,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=triton.next_power_of_2(head_dim), IS_CAUSAL=is_causal, UPCAST=_INTERPRET,
+        BLOCK_D=triton.next_power_of_2(head_dim), IS_CAUSAL=seg.is_causal, UPCAST=_INTERPRET,
         num_warps=4 if block_m * block_n <= 64 * 64 else 8,
     )
     if num_splits == 1:
@@ -283,8 +297,9 @@ def run_prefix_attention(
         assert min_q_len >= 0 and max_q_end <= q.shape[0], "q_start + q_len must lie within q"
         assert min_kv_len >= 0 and kv_total <= kv_indices.shape[0], "kv_indptr: non-decreasing, in kv_indices"
     out_start = torch.cumsum(q_len, 0, dtype=q_len.dtype) - q_len  # rows in segment order
-    seg = _Segments(q_start, q_len, out_start, kv_indptr, num_rows, max_q_len, max_kv_len, is_covered=True)
-    return _attention(q, k_cache, v_cache, kv_indices, seg, sm_scale, False, config or LaunchConfig())
+    seg = AttentionPlan(q_start, q_len, out_start, kv_indices, kv_indptr, num_rows, max_q_len, max_kv_len,
+                        is_covered=True, is_causal=False)
+    return _attention(q, k_cache, v_cache, seg, sm_scale, config or LaunchConfig())
 
 
 def run_own_attention(
@@ -306,8 +321,40 @@ def run_own_attention(
         assert min_kv_len >= 0 and kv_total <= kv_indices.shape[0], "kv_indptr: non-decreasing, in kv_indices"
         is_covered = q_first == 0 and q_last == q.shape[0]
     q_start = q_indptr[:-1]
-    seg = _Segments(q_start, q_len, q_start, kv_indptr, q.shape[0], max_q_len, max_kv_len, is_covered)
-    return _attention(q, k_cache, v_cache, kv_indices, seg, sm_scale, True, config or LaunchConfig())
+    seg = AttentionPlan(q_start, q_len, q_start, kv_indices, kv_indptr, q.shape[0], max_q_len, max_kv_len,
+                        is_covered, is_causal=True)
+    return _attention(q, k_cache, v_cache, seg, sm_scale, config or LaunchConfig())
+
+
+def plan_prefix(*, q_start: np.ndarray, q_len: np.ndarray, kv_indices: np.ndarray, kv_indptr: np.ndarray,
+                device: torch.device) -> AttentionPlan:
+    """An `AttentionPlan` for `prefix_attention`'s arguments given as host arrays (maxima read on the host)."""
+    q_len = np.asarray(q_len, np.int64)
+    kv_len = np.diff(np.asarray(kv_indptr, np.int64))
+    out_start = np.cumsum(q_len) - q_len
+    return AttentionPlan(
+        *_to_device(device, q_start, q_len, out_start, kv_indices, kv_indptr),
+        num_out_rows=int(q_len.sum()), max_q_len=int(q_len.max(initial=0)), max_kv_len=int(kv_len.max(initial=0)),
+        is_covered=True, is_causal=False,
+    )
+
+
+def plan_own(*, q_indptr: np.ndarray, kv_indices: np.ndarray, kv_indptr: np.ndarray,
+             device: torch.device) -> AttentionPlan:
+    """An `AttentionPlan` for `own_attention`'s arguments given as host arrays; q has q_indptr[-1] rows."""
+    q_indptr = np.asarray(q_indptr, np.int64)
+    q_len = np.diff(q_indptr)
+    kv_len = np.diff(np.asarray(kv_indptr, np.int64))
+    q_start = q_indptr[:-1]
+    return AttentionPlan(
+        *_to_device(device, q_start, q_len, q_start, kv_indices, kv_indptr),
+        num_out_rows=int(q_indptr[-1]), max_q_len=int(q_len.max(initial=0)), max_kv_len=int(kv_len.max(initial=0)),
+        is_covered=bool(q_indptr[0] == 0), is_causal=True,
+    )
+
+
+def _to_device(device: torch.device, *arrays: np.ndarray) -> list[torch.Tensor]:
+    return [torch.from_numpy(np.ascontiguousarray(a, np.int64)).to(device, non_blocking=True) for a in arrays]
 
 
 def prefix_attention(

@@ -337,3 +337,23 @@ def test_run_summary_and_metrics(checkpoints):
     )
     assert summary.prompt_tokens == plan.layout.prompt_tokens
     assert sum(s["num_prefill_tokens"] for s in metrics.steps) == summary.computed_prompt_tokens
+
+
+def test_triton_backend_matches_transformers(tmp_path):
+    """The CUDA path's wiring (TritonBackend: each step's plans made once on the host, the kernels called per
+    layer, states merged) gives transformers' tokens; on a machine without CUDA the kernels run in Triton's
+    interpreter (tests/conftest.py), on a GPU they are compiled."""
+    from batchrun.attention import TritonBackend
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    path = make_checkpoint(tmp_path, "llama", hidden_size=128, num_attention_heads=2, num_key_value_heads=1,
+                           head_dim=64)  # the kernels take head sizes 64, 80, 96 and 128
+    ck = Checkpoint(path)
+    if device.type == "cuda":
+        ck.model = load_model(ck.spec, device=device)
+    job = make_job(ck, 0, with_eos=False)
+    plan = build_plan(job, kv_bytes_per_token=ck.model.config.kv_bytes_per_token)
+    assert plan.layout.num_levels >= 2
+    writer, summary = run(ck, plan, job, kv_budget_bytes=1 << 30, backend=TritonBackend(device))
+    assert_matches_transformers(ck, job, writer)
+    assert summary.computed_prompt_tokens == plan.layout.prefill_tokens

@@ -7,7 +7,6 @@ selector. LSE is in natural log throughout (as torch.logsumexp); an empty part i
 
 from __future__ import annotations
 
-from types import ModuleType
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -163,36 +162,36 @@ class AttentionBackend:
         merge_state_into(v, s, v_other, s_other, rows=rows)
 
 
-class FunctionalBackend(AttentionBackend):
-    """A module exposing the contract's four functions (batchrun.kernels); plans are its ragged tensors."""
+class TritonBackend(AttentionBackend):
+    """The Triton kernels (batchrun.kernels): each step's plans are made once on the host, so the layers'
+    launches need no device sync."""
 
-    def __init__(self, module: ModuleType, device: torch.device, *, name: str) -> None:
+    def __init__(self, device: torch.device) -> None:
         super().__init__(device)
-        self.module = module
-        self.name = name
+        import batchrun.kernels as kernels
 
-    def _tensors(self, **arrays: np.ndarray) -> dict[str, torch.Tensor]:
-        return {k: torch.from_numpy(np.ascontiguousarray(a, np.int64)).to(self.device) for k, a in arrays.items()}
+        self.kernels = kernels
+        self.name = "triton"
 
     def plan_prefix(
         self, *, q_start: np.ndarray, q_len: np.ndarray, kv_indices: np.ndarray, kv_indptr: np.ndarray, group: int
     ) -> Any:
-        return self._tensors(q_start=q_start, q_len=q_len, kv_indices=kv_indices, kv_indptr=kv_indptr)
+        return self.kernels.plan_prefix(q_start=q_start, q_len=q_len, kv_indices=kv_indices, kv_indptr=kv_indptr,
+                                        device=self.device)
 
     def plan_own(self, *, q_indptr: np.ndarray, kv_indices: np.ndarray, kv_indptr: np.ndarray, group: int) -> Any:
-        return self._tensors(q_indptr=q_indptr, kv_indices=kv_indices, kv_indptr=kv_indptr)
+        return self.kernels.plan_own(q_indptr=q_indptr, kv_indices=kv_indices, kv_indptr=kv_indptr,
+                                     device=self.device)
 
     def prefix(
         self, plan: Any, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, sm_scale: float
     ) -> AttentionState:
-        o, lse = self.module.prefix_attention(q, k_cache, v_cache, sm_scale=sm_scale, **plan)
-        return AttentionState(o, lse)
+        return AttentionState(*self.kernels.run_planned(plan, q, k_cache, v_cache, sm_scale=sm_scale))
 
     def own(
         self, plan: Any, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, sm_scale: float
     ) -> AttentionState:
-        o, lse = self.module.own_attention(q, k_cache, v_cache, sm_scale=sm_scale, **plan)
-        return AttentionState(o, lse)
+        return AttentionState(*self.kernels.run_planned(plan, q, k_cache, v_cache, sm_scale=sm_scale))
 
     def merge_state_into(
         self,
@@ -205,16 +204,14 @@ class FunctionalBackend(AttentionBackend):
     ) -> None:
         if isinstance(rows, slice):
             rows = torch.arange(v.shape[0], device=v.device)[rows]
-        self.module.merge_state_into(v, s, v_other, s_other, rows=rows)
+        self.kernels.merge_state_into(v, s, v_other, s_other, rows=rows)
 
 
 def select_backend(device: torch.device) -> AttentionBackend:
     """The torch backend on CPU; the Triton kernels (batchrun.kernels) on CUDA when they import, else torch."""
     if device.type == "cuda":
         try:
-            import batchrun.kernels as kernels
-        except ImportError:
+            return TritonBackend(device)
+        except ImportError:  # no triton for this platform: the torch path runs on CUDA too
             return AttentionBackend(device)
-        if all(hasattr(kernels, f) for f in ("prefix_attention", "own_attention", "merge_state_into")):
-            return FunctionalBackend(kernels, device, name="triton")
     return AttentionBackend(device)
