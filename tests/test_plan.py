@@ -148,3 +148,17 @@ def test_parse_size(text: str, size: int) -> None:
 def test_parse_size_rejects_nonsense() -> None:
     with pytest.raises(UserError):
         parse_size("lots")
+
+
+def test_empty_chat_message_still_has_the_template_tokens(tmp_path: Path, spec, tokenizer) -> None:
+    messages = [{"role": "user", "content": ""}]
+    plan = build_plan(write(tmp_path, [{"id": "a", "messages": messages}]), spec, tokenizer, config())
+    expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    expected = expected["input_ids"] if "input_ids" in expected else expected
+    assert plan.tokens[0].tolist() == list(expected) and len(expected) > 1
+
+
+def test_plan_into_a_new_folder(tmp_path: Path, spec, tokenizer) -> None:
+    plan = build_plan(write(tmp_path, [{"id": "a", "prompt": "x"}]), spec, tokenizer, config())
+    save_plan(plan, tmp_path / "new" / "folder" / "p.plan")
+    assert load_plan(tmp_path / "new" / "folder" / "p.plan").requests == plan.requests

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 
 from batchrun import defaults
-from batchrun.errors import EXIT_FAILED, UserError
+from batchrun.errors import EXIT_FAILED, EXIT_INPUT, EXIT_INTERRUPTED, UserError
 
 app = typer.Typer(
     help="Offline batch LLM inference over JSONL files, planned globally so shared prompt prefixes are "
@@ -44,6 +44,13 @@ def user_errors(command: F) -> F:
         except UserError as e:
             err.print(f"[bold red]error:[/] {e}", highlight=False)
             raise typer.Exit(e.exit_code) from None
+        except OSError as e:  # a full disk, a missing permission: the file and the reason say it all
+            err.print(f"[bold red]error:[/] {e.filename or ''}: {e.strerror or e}", highlight=False)
+            raise typer.Exit(EXIT_INPUT) from None
+        except KeyboardInterrupt:
+            err.print("interrupted: what was written is kept; run the same command again to resume",
+                      highlight=False)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -6,6 +6,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # the job ran but some requests failed (error lines were written)
 EXIT_USAGE = 2  # bad options or arguments (typer's own code)
 EXIT_INPUT = 3  # the input, plan or model cannot be used; nothing was done
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it); run again to resume
 
 
 class UserError(Exception):

@@ -41,7 +41,8 @@ def write_container(path: Path, header: dict[str, Any], records: Any, arrays: di
         offset += nbytes
     head = orjson.dumps({**header, "format_version": FORMAT_VERSION, "sections": table})
     base = _aligned(len(MAGIC) + 8 + len(head))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or Path("."))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(MAGIC + struct.pack("<Q", len(head)) + head)
