@@ -34,12 +34,13 @@ from batchrun.distributed.units import (
     unit_config,
 )
 from batchrun.errors import UserError
+from batchrun.metrics import MetricsRecorder, metrics_path_for
 from batchrun.model.spec import resolve_model
 from batchrun.plan import build_plan, save_plan
 from batchrun.planner import PlanLayout, PlannerConfig, kv_tokens, node_span, plan_requests
 from batchrun.requests import Request, SamplingParams
 from batchrun.runner import run_plan_file
-from batchrun.stats import MetricsRecorder, load_report, metrics_path_for, report_json
+from batchrun.stats import load_report, report_json
 from batchrun.stats_view import render_report
 from batchrun.tokenizer import load_tokenizer
 from batchrun.tokens import TokenTable

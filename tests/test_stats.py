@@ -9,17 +9,11 @@ import orjson
 import pytest
 from rich.console import Console
 
-from batchrun import stats
+from batchrun import metrics
 from batchrun.errors import UserError
+from batchrun.metrics import MetricsRecorder, metrics_path_for
 from batchrun.planfile import MAGIC as PLAN_MAGIC
-from batchrun.stats import (
-    MetricsRecorder,
-    check_same_plan,
-    load_report,
-    metrics_path_for,
-    report_json,
-    stats_target_kind,
-)
+from batchrun.stats import check_same_plan, load_report, report_json, stats_target_kind
 from batchrun.stats_view import plot_report, render_report
 
 
@@ -153,7 +147,7 @@ def test_missing_files_are_user_errors(tmp_path):
 
 
 def test_recorder_round_trip_and_resume(tmp_path, monkeypatch):
-    monkeypatch.setattr(stats, "STEP_FLUSH_STEPS", 2)
+    monkeypatch.setattr(metrics, "STEP_FLUSH_STEPS", 2)
     out = tmp_path / "out.jsonl"
     write_jsonl(out, [plain_ok("a", 10, 2)])
     path = metrics_path_for(out)

@@ -15,12 +15,13 @@ from rich.console import Console
 
 from batchrun import defaults
 from batchrun.errors import UserError
+from batchrun.metrics import MetricsRecorder, metrics_path_for
 from batchrun.model.spec import ModelSpec, resolve_model
 from batchrun.output import OutputWriter
 from batchrun.plan import Plan, check_plan, load_plan
 from batchrun.progress import ProgressWriter
 from batchrun.requests import file_fingerprint
-from batchrun.stats import MetricsRecorder, check_same_plan, metrics_path_for
+from batchrun.stats import check_same_plan
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,10 @@ import numpy as np
 from batchrun.distributed.subplan import slice_plan
 from batchrun.distributed.units import dispatch_order, make_units, unit_config
 from batchrun.distributed.worker import ResultBatch, UnitTask, WorkerInfo
+from batchrun.metrics import MetricsRecorder
 from batchrun.plan import Plan
 from batchrun.planner import kv_tokens
 from batchrun.progress import ProgressWriter
-from batchrun.stats import MetricsRecorder
 
 
 class BatchEvent(NamedTuple):
