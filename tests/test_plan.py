@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from batchrun import planfile
 from batchrun.errors import UserError
 from batchrun.model.spec import resolve_model
 from batchrun.plan import build_plan, check_plan, load_plan, load_plan_header, parse_size, save_plan
@@ -162,3 +163,12 @@ def test_plan_into_a_new_folder(tmp_path: Path, spec, tokenizer) -> None:
     plan = build_plan(write(tmp_path, [{"id": "a", "prompt": "x"}]), spec, tokenizer, config())
     save_plan(plan, tmp_path / "new" / "folder" / "p.plan")
     assert load_plan(tmp_path / "new" / "folder" / "p.plan").requests == plan.requests
+
+
+def test_plan_from_another_version_is_a_user_error(tmp_path: Path) -> None:
+    path = tmp_path / "old.plan"
+    planfile.write_container(path, {"plan": {"input_path": "x"}}, {"requests": [], "invalid": []}, {})
+    with pytest.raises(UserError, match="another version of batchrun"):
+        load_plan(path)
+    with pytest.raises(UserError, match="another version of batchrun"):
+        load_plan_header(path)

@@ -12,6 +12,7 @@ import hashlib
 import re
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -197,24 +198,33 @@ def load_plan(path: Path) -> Plan:
     header, base = planfile.read_header(path)
     records = planfile.read_records(path, header, base)
     arrays = planfile.read_arrays(path, header, base)
-    plan_header = PlanHeader(**header["plan"])
-    layout_fields = {}
-    for f in dataclasses.fields(PlanLayout):
-        key = f"layout.{f.name}"
-        layout_fields[f.name] = arrays[key] if key in arrays else header["layout"][f.name]
-    return Plan(
-        header=plan_header,
-        requests=[_request_from_record(r) for r in records["requests"]],
-        invalid=[InvalidLine(*r) for r in records["invalid"]],
-        tokens=TokenTable(arrays["tokens"], arrays["token_indptr"]),
-        layout=PlanLayout(**layout_fields),
-    )
+    with _damaged_if_malformed(path):
+        layout_fields = {f.name: arrays.get(f"layout.{f.name}", header["layout"].get(f.name))
+                         for f in dataclasses.fields(PlanLayout)}
+        return Plan(
+            header=PlanHeader(**header["plan"]),
+            requests=[_request_from_record(r) for r in records["requests"]],
+            invalid=[InvalidLine(*r) for r in records["invalid"]],
+            tokens=TokenTable(arrays["tokens"], arrays["token_indptr"]),
+            layout=PlanLayout(**layout_fields),
+        )
 
 
 def load_plan_header(path: Path) -> PlanHeader:
     """The header alone (fast): for checks and summaries that need no arrays."""
     header, _ = planfile.read_header(path)
-    return PlanHeader(**header["plan"])
+    with _damaged_if_malformed(path):
+        return PlanHeader(**header["plan"])
+
+
+@contextmanager
+def _damaged_if_malformed(path: Path) -> Iterator[None]:
+    """A plan whose parts do not fit together (damaged, or written by another batchrun) is a UserError."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, AssertionError) as e:
+        raise UserError(f"{path}: the plan file is damaged or was made by another version of batchrun "
+                        f"({type(e).__name__}: {e}); make it again with `batchrun plan`") from None
 
 
 def _request_record(r: Request) -> list[Any]:
