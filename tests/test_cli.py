@@ -84,3 +84,8 @@ def test_device_choice() -> None:
     assert resolve_device("auto").type in ("cpu", "cuda")
     with pytest.raises(UserError):
         resolve_device("tpu")
+
+
+def test_version() -> None:
+    result = batchrun("--version")
+    assert result.returncode == 0 and result.stdout.startswith("batchrun ")

@@ -12,16 +12,14 @@ import orjson
 import typer
 from rich.console import Console
 
-from batchrun import defaults
+from batchrun import __version__, defaults
 from batchrun.errors import EXIT_FAILED, EXIT_INPUT, EXIT_INTERRUPTED, UserError
 
 app = typer.Typer(
-    help="Offline batch LLM inference over JSONL files, planned globally so shared prompt prefixes are "
-    "computed once. Typical use: `batchrun plan in.jsonl -o job.plan`, then `batchrun run --plan job.plan "
-    "-o out.jsonl`, then `batchrun stats out.jsonl`.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain: their [brackets] are literal
 )
 out = Console()
 err = Console(stderr=True, soft_wrap=True)  # messages stay one line in logs, however long
@@ -53,6 +51,22 @@ def user_errors(command: F) -> F:
             raise typer.Exit(EXIT_INTERRUPTED) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"batchrun {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print batchrun's version and exit.")] = False,
+) -> None:
+    """Offline batch LLM inference over JSONL files, planned globally so shared prompt prefixes are computed
+    once. Typical use: `batchrun plan in.jsonl -o job.plan`, then `batchrun run --plan job.plan -o out.jsonl`,
+    then `batchrun stats out.jsonl`."""
 
 
 @app.command()
