@@ -109,7 +109,8 @@ def test_bad_lines_become_error_lines_and_exit_1(tmp_path: Path) -> None:
 
 def test_openai_batch_output(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
-    result = batchrun("run", "--plan", str(plan(tmp_path, SAMPLE / "openai_batch.jsonl")), "-o", str(out))
+    result = batchrun("run", "--plan", str(plan(tmp_path, SAMPLE / "openai_batch.jsonl")), "-o", str(out),
+                      "--threads", "1")
     assert result.returncode == 0, result.stderr
     rows = lines(out)
     assert len(rows) == 240 and len({r["custom_id"] for r in rows}) == 240

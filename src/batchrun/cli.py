@@ -137,6 +137,9 @@ def run(
     model: Annotated[str | None, typer.Option("--model", "-m", help="Another copy of the plan's model "
                                               "[default: the model the plan names].", show_default=False)] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = defaults.DEVICE,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for the model on the CPU [default: "
+                                                "torch's, one per core]; fewer when other jobs share the cores.",
+                                                show_default=False)] = None,
     workers: Annotated[int | None, typer.Option("--workers", min=1, help="Run on N workers (one per GPU, else "
                                                 "CPU processes) on a local Ray cluster; needs batchrun[ray].",
                                                 show_default=False)] = None,
@@ -154,7 +157,8 @@ def run(
     else:
         from batchrun.runner import run_plan_file
 
-        outcome = run_plan_file(plan_path, output, errors_path=errors, model=model, device=device, console=err)
+        outcome = run_plan_file(plan_path, output, errors_path=errors, model=model, device=device, threads=threads,
+                                console=err)
     summary = {"requests": outcome.num_requests, "resumed": outcome.num_resumed,
                "completed": outcome.num_completed, "failed": outcome.num_failed,
                "output_tokens": outcome.output_tokens, "wall_seconds": round(outcome.wall_seconds, 3),

@@ -93,7 +93,7 @@ def open_run(plan: Plan, plan_path: Path, output: Path, *, errors_path: Path | N
 
 
 def run_plan_file(plan_path: Path, output: Path, *, errors_path: Path | None, model: str | None, device: str,
-                  console: Console) -> RunOutcome:
+                  console: Console, threads: int | None = None) -> RunOutcome:
     from batchrun.attention import select_backend
     from batchrun.engine.engine import Engine
     from batchrun.model.loader import load_model
@@ -103,6 +103,10 @@ def run_plan_file(plan_path: Path, output: Path, *, errors_path: Path | None, mo
     spec = plan_model(plan, model)
     check_same_plan(output, plan.header.fingerprint)  # before loading the model: a mistake fails fast
     torch_device = resolve_device(device)
+    if threads is not None:
+        # OpenMP threads that outnumber the free cores spin against each other: on a shared machine one
+        # thread per free core is many times faster than one per core.
+        torch.set_num_threads(threads)
     loaded = load_model(spec, device=torch_device)
     tokenizer = load_tokenizer(spec)
     with open_run(plan, plan_path, output, errors_path=errors_path, spec=spec, device=str(torch_device),
