@@ -13,13 +13,13 @@ from batchrun.errors import UserError
 from batchrun.model.spec import ModelSpec
 from batchrun.requests import ParsedLine
 
-# Nothing is ever fetched from a hub: a model is a local directory or a built-in name.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-
 
 def load_tokenizer(spec: ModelSpec) -> Any:
     """The model directory's tokenizer (a transformers fast tokenizer); UserError when it cannot be loaded."""
+    # Nothing is ever fetched from a hub (a model is a local directory or a built-in name), and batched
+    # encoding uses every core.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     from transformers import AutoTokenizer  # slow import: only when a tokenizer is needed
 
     try:
