@@ -7,7 +7,9 @@ import numpy as np
 import torch
 
 from batchrun.engine.sampler import Sampler, StopChecker
+from batchrun.model.spec import resolve_model
 from batchrun.requests import SamplingParams
+from batchrun.tokenizer import load_tokenizer
 
 EOS = 1
 
@@ -96,3 +98,36 @@ def test_stop_checker_rules():
     assert check.check([2], decode) is None and check.check([2, 1], decode) is None
     assert check.check([2, 1, 0], decode) is None and check.check([2, 1, 0, 2], decode) == "stop"
     assert check.final_text(decode([2, 1, 0, 2])) == "b</s>a"
+
+
+def test_stop_checker_text_is_the_full_decode_and_costs_linear_decoding():
+    """The incremental text equals decoding the whole output (multi-byte characters split over byte-level
+    tokens included), a stop string is found as in the whole text, and decoding stays linear in the output."""
+    tokenizer = load_tokenizer(resolve_model("builtin-tiny"))
+    text = "naïve café 日本語の文章 — “quotes” and emoji 🙂🙂 then: STOP here, and more text after it"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    decoded_tokens = []
+
+    def decode(window: list[int]) -> str:
+        decoded_tokens.append(len(window))
+        return tokenizer.decode(window, skip_special_tokens=True)
+
+    checker = StopChecker(_params(max_tokens=len(ids) + 1, stop=("STOP",)), eos_token_ids=frozenset([EOS]))
+    reasons = []
+    while not reasons or reasons[-1] is None:
+        reasons.append(checker.check(ids[: len(reasons) + 1], decode))
+    stop_step = len(reasons) - 1
+    assert reasons[-1] == "stop"
+    full = tokenizer.decode(ids[: stop_step + 1], skip_special_tokens=True)
+    assert checker.text == full and checker.final_text(full) == text[: text.index("STOP")]
+    assert sum(decoded_tokens) <= 8 * (stop_step + 1)  # a full decode per step would be quadratic
+
+    rng = np.random.default_rng(0)
+    alphabet = list("abc xyz,.\n") + list("éüñ日本語文🙂—“”")
+    for _ in range(20):  # random text: many characters split over byte-level tokens
+        sample = "".join(rng.choice(alphabet, 80))
+        ids = tokenizer(sample, add_special_tokens=False)["input_ids"]
+        checker = StopChecker(_params(max_tokens=1000, stop=("#",)), eos_token_ids=frozenset([EOS]))
+        for i in range(len(ids)):
+            checker.check(ids[: i + 1], decode)
+        assert checker.text == sample
