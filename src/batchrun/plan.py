@@ -116,7 +116,7 @@ def build_plan(input_path: Path, spec: ModelSpec, tokenizer: Any, config: Planne
         input_path=str(input_path.resolve()),
         input_fingerprint=reader.fingerprint,
         model_name=spec.name,
-        model_path=spec.name if spec.is_builtin else str(spec.path.resolve()),
+        model_path=spec.location,
         model_dtype=spec.config.dtype,
         model_fingerprint=spec.fingerprint,
         kv_bytes_per_token=spec.config.kv_bytes_per_token,

@@ -48,7 +48,7 @@ def write_container(path: Path, header: dict[str, Any], records: Any, arrays: di
             f.write(MAGIC + struct.pack("<Q", len(head)) + head)
             for name, data in sections:
                 f.seek(base + table[name]["offset"])
-                f.write(data if isinstance(data, bytes) else data.tobytes())
+                f.write(data if isinstance(data, bytes) else memoryview(data).cast("B"))  # no copy of the array
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -74,8 +74,8 @@ class RunSession:
 def open_run(plan: Plan, plan_path: Path, output: Path, *, errors_path: Path | None, spec: ModelSpec,
              device: str, console: Console, **run_info: object) -> Iterator[RunSession]:
     """Opens the output for appending (resuming what is there), the progress display and the metrics file,
-    and writes an error line for each of the plan's invalid records not yet in the output."""
-    check_same_plan(output, plan.header.fingerprint)
+    and writes an error line for each of the plan's invalid records not yet in the output. The caller has
+    checked (check_same_plan) that the output was not written from another plan, before loading a model."""
     info = {"plan_fingerprint": plan.header.fingerprint, "plan": str(plan_path.resolve()),
             "kv_budget_bytes": plan.header.params["kv_budget_bytes"], "device": device, "model": spec.name,
             "dtype": spec.config.dtype, "errors_path": str(errors_path.resolve()) if errors_path else None,
@@ -101,7 +101,7 @@ def run_plan_file(plan_path: Path, output: Path, *, errors_path: Path | None, mo
 
     plan = load_plan(plan_path)
     spec = plan_model(plan, model)
-    check_same_plan(output, plan.header.fingerprint)  # before loading the model: a mistake fails fast
+    check_same_plan(output, plan.header.fingerprint)  # before the slow model load: a mistake fails fast
     torch_device = resolve_device(device)
     if threads is not None:
         # OpenMP threads that outnumber the free cores spin against each other: on a shared machine one

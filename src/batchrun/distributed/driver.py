@@ -100,9 +100,7 @@ def _run_workers(ray: Any, dispatcher: Dispatcher, cluster: ClusterSpec, spec: M
     """Starts the workers (each loads the model), runs the plan's remaining units on them, and stops them."""
     actor_class = ray.remote(UnitWorker).options(
         num_cpus=cluster.cpus_per_worker, num_gpus=1 if cluster.use_gpu else 0, max_restarts=0)
-    # A built-in model by name: its directory inside the package differs from machine to machine.
-    model_path = spec.name if spec.is_builtin else str(spec.path.resolve())
-    actors = [actor_class.remote(model_path=model_path, dtype=spec.config.dtype, fingerprint=spec.fingerprint,
+    actors = [actor_class.remote(model_path=spec.location, dtype=spec.config.dtype, fingerprint=spec.fingerprint,
                                  device="cuda" if cluster.use_gpu else "cpu",
                                  num_threads=None if cluster.use_gpu else cluster.cpus_per_worker)
               for _ in range(cluster.num_workers)]

@@ -31,6 +31,12 @@ class ModelSpec:
     def is_builtin(self) -> bool:
         return self.builtin_seed is not None
 
+    @property
+    def location(self) -> str:
+        """What names this model from anywhere: a built-in's name (its folder differs between installs), or
+        the directory's absolute path."""
+        return self.name if self.is_builtin else str(self.path.resolve())
+
 
 def resolve_model(name: str, *, dtype: str | None = None) -> ModelSpec:
     """A built-in model name or a model directory → ModelSpec; raises UserError saying what is missing."""
