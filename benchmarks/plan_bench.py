@@ -22,9 +22,11 @@ from typing import Any
 import numpy as np
 
 from batchrun import defaults
-from batchrun.plan import Plan, PlanHeader, load_plan, parse_size, save_plan
+from batchrun.plan import Plan, PlanHeader, PlanSummary
+from batchrun.planfile import load_plan, save_plan
 from batchrun.planner import PlanLayout, PlannerConfig, plan_requests, request_kv_bytes
 from batchrun.requests import Request, SamplingParams
+from batchrun.sizes import parse_size
 from batchrun.tokens import TokenTable
 from batchrun.trie import build_radix_tree
 
@@ -146,14 +148,16 @@ def tokenization_rate(work: Workload, rng: np.random.Generator, num_texts: int) 
     return len(table.tokens) / seconds, len(table.tokens)
 
 
-def plan_file_round_trip(table: TokenTable, layout: PlanLayout, max_tokens: np.ndarray) -> None:
+def plan_file_round_trip(table: TokenTable, layout: PlanLayout, max_tokens: np.ndarray,
+                         config: PlannerConfig) -> None:
     """Saves and loads the plan file (the records of every request, the tokens, the layout): how long a
     `batchrun run` waits for its plan."""
     requests = [Request(line=i + 1, id=f"r{i}", format="plain", endpoint="completions",
                         sampling=SamplingParams(max_tokens=int(m))) for i, m in enumerate(max_tokens)]
     header = PlanHeader(input_path="bench", input_fingerprint="0", model_name="bench", model_path="bench",
                         model_dtype="bfloat16", model_fingerprint="0", kv_bytes_per_token=KV_BYTES_PER_TOKEN,
-                        params={}, summary={}, created="", batchrun_version="")
+                        params=config, summary=PlanSummary.of(layout, num_requests=len(requests), num_invalid=0),
+                        created="", batchrun_version="")
     plan = Plan(header=header, requests=requests, invalid=[], tokens=table, layout=layout)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.plan"
@@ -202,7 +206,7 @@ def main() -> None:
           f"prefill {layout.prefill_tokens:,} of {layout.prompt_tokens:,} prompt tokens "
           f"(saves {layout.saved_prefill_tokens / layout.prompt_tokens:.1%})")
 
-    plan_file_round_trip(table, layout, work.max_tokens)
+    plan_file_round_trip(table, layout, work.max_tokens, config)
 
     if args.tokenize_sample > 0:
         rate, sample_tokens = tokenization_rate(work, rng, min(args.tokenize_sample, args.requests))

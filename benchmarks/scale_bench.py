@@ -26,8 +26,8 @@ from batchrun.distributed.units import (
     simulate_pull,
     unit_config,
 )
-from batchrun.plan import parse_size
 from batchrun.planner import PlanLayout, PlannerConfig, node_span, plan_requests, segment_len
+from batchrun.sizes import parse_size
 
 sys.path.insert(0, str(Path(__file__).parent))
 from plan_bench import KV_BYTES_PER_TOKEN, Workload, synthetic_tokens, timed  # noqa: E402
@@ -128,7 +128,8 @@ def speedup() -> None:
 
     from batchrun.distributed.driver import run_distributed
     from batchrun.model.spec import resolve_model
-    from batchrun.plan import build_plan, save_plan
+    from batchrun.planfile import save_plan
+    from batchrun.planning import build_plan
     from batchrun.runner import run_plan_file
     from batchrun.tokenizer import load_tokenizer
     from workload import WorkloadConfig, make_workload, write_workload

@@ -36,8 +36,9 @@ from batchrun.distributed.units import (
 from batchrun.errors import UserError
 from batchrun.metrics import MetricsRecorder, metrics_path_for
 from batchrun.model.spec import resolve_model
-from batchrun.plan import build_plan, save_plan
+from batchrun.planfile import save_plan
 from batchrun.planner import PlanLayout, PlannerConfig, kv_tokens, node_span, plan_requests
+from batchrun.planning import build_plan
 from batchrun.requests import Request, SamplingParams
 from batchrun.runner import run_plan_file
 from batchrun.stats import load_report, report_json

@@ -6,7 +6,8 @@ import orjson
 import pytest
 
 from batchrun.errors import UserError
-from batchrun.output import Completion, OutputWriter, iter_jsonl, repair_torn_tail
+from batchrun.jsonl import iter_jsonl, repair_torn_tail
+from batchrun.output import Completion, OutputWriter
 from batchrun.requests import InvalidLine, Request, SamplingParams
 
 SP = SamplingParams(max_tokens=4, temperature=0.0)

@@ -7,14 +7,19 @@ import json
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 
 from batchrun import planfile
 from batchrun.errors import UserError
 from batchrun.model.spec import resolve_model
-from batchrun.plan import build_plan, check_plan, load_plan, load_plan_header, parse_size, save_plan
+from batchrun.plan import PlanHeader
+from batchrun.plan_checks import check_plan
+from batchrun.planfile import load_plan, load_plan_header, save_plan
 from batchrun.planner import PlannerConfig
+from batchrun.planning import build_plan
 from batchrun.requests import file_fingerprint
+from batchrun.sizes import parse_size
 from batchrun.tokenizer import load_tokenizer
 
 SAMPLE = Path(__file__).parent.parent / "sample_data"
@@ -55,14 +60,36 @@ def test_round_trip_keeps_everything(tmp_path: Path, spec, tokenizer) -> None:
     assert load_plan_header(tmp_path / "p.plan") == plan.header
 
 
+def test_header_and_records_keep_the_format(tmp_path: Path, spec, tokenizer) -> None:
+    """Plans written before the header was typed still load: the header round-trips to the same JSON, with the
+    keys of format 1, and a request record is the positional list it always was."""
+    plan = build_plan(SAMPLE / "requests.jsonl", spec, tokenizer, config())
+    save_plan(plan, tmp_path / "p.plan")
+    raw, base = planfile.read_header(tmp_path / "p.plan")
+    assert orjson.dumps(PlanHeader.from_json(raw["plan"]).to_json()) == orjson.dumps(raw["plan"])
+    assert list(raw["plan"]) == ["input_path", "input_fingerprint", "model_name", "model_path", "model_dtype",
+                                 "model_fingerprint", "kv_bytes_per_token", "params", "summary", "created",
+                                 "batchrun_version"]
+    assert raw["plan"]["params"] == {"kv_budget_bytes": 1 << 30, "min_prefix_len": 16, "max_levels": 4,
+                                     "share": True}
+    assert list(raw["plan"]["summary"]) == ["requests", "invalid", "prompt_tokens", "prefill_tokens",
+                                            "saved_prefill_tokens", "num_groups", "num_levels",
+                                            "num_shared_nodes", "num_batches", "max_batch_kv_bytes"]
+    assert raw["plan"]["summary"]["requests"] == 240 and raw["layout"]["num_groups"] == plan.layout.num_groups
+    r, s = plan.requests[0], plan.requests[0].sampling
+    assert planfile.read_records(tmp_path / "p.plan", raw, base)["requests"][0] == [
+        r.line, r.id, r.format, r.endpoint, r.model,
+        s.max_tokens, s.min_tokens, s.temperature, s.top_p, s.top_k, s.seed, list(s.stop)]
+
+
 def test_sample_data_shares_prefixes_in_both_formats(spec, tokenizer) -> None:
     plain = build_plan(SAMPLE / "requests.jsonl", spec, tokenizer, config())
     openai = build_plan(SAMPLE / "openai_batch.jsonl", spec, tokenizer, config())
     for plan in (plain, openai):
         s = plan.header.summary
-        assert s["requests"] == 240 and s["invalid"] == 0
-        assert s["saved_prefill_tokens"] > 0.5 * s["prompt_tokens"]
-        assert s["num_levels"] >= 2  # reading instructions → document → question
+        assert s.num_requests == 240 and s.num_invalid == 0
+        assert s.saved_prefill_tokens > 0.5 * s.prompt_tokens
+        assert s.num_levels >= 2  # reading instructions → document → question
     # The same prompts give the same tokens whatever the format.
     assert np.array_equal(plain.tokens.tokens, openai.tokens.tokens)
 

@@ -12,8 +12,9 @@ from rich.console import Console
 from batchrun import metrics
 from batchrun.errors import UserError
 from batchrun.metrics import MetricsRecorder, metrics_path_for
+from batchrun.plan_checks import check_same_plan
 from batchrun.planfile import MAGIC as PLAN_MAGIC
-from batchrun.stats import check_same_plan, load_report, report_json, stats_target_kind
+from batchrun.stats import load_report, report_json, stats_target_kind
 from batchrun.stats_view import plot_report, render_report
 
 

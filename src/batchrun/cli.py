@@ -94,9 +94,11 @@ def plan(
 ) -> None:
     """Tokenize INPUT, find the prompt prefixes requests share, group and order them, and write a plan."""
     from batchrun.model.spec import resolve_model
-    from batchrun.plan import build_plan, load_plan, parse_size, save_plan
     from batchrun.plan_view import plan_summary_json, render_plan_groups, render_plan_summary
+    from batchrun.planfile import load_plan, save_plan
     from batchrun.planner import PlannerConfig
+    from batchrun.planning import build_plan
+    from batchrun.sizes import parse_size
     from batchrun.tokenizer import load_tokenizer
 
     if show is not None:
@@ -183,8 +185,8 @@ def stats(
                                               "prefill/decode split to this PNG.", show_default=False)] = None,
 ) -> None:
     """Report what runs achieved and where the time went; several runs are compared side by side."""
-    from batchrun.plan import load_plan_header
     from batchrun.plan_view import plan_summary_json, render_plan_summary
+    from batchrun.planfile import load_plan_header
     from batchrun.stats import load_report, report_json, stats_target_kind
     from batchrun.stats_view import plot_report, render_report
 

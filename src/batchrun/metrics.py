@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from batchrun.output import repair_torn_tail
+from batchrun.jsonl import open_append, repair_torn_tail, write_all
 
 METRICS_SUFFIX = ".metrics.jsonl"
 # Steps are buffered and written in one call every STEP_FLUSH_STEPS steps or STEP_FLUSH_INTERVAL_S seconds:
@@ -48,10 +48,9 @@ class MetricsRecorder:
     def __init__(self, path: str | os.PathLike[str], *, run_info: dict[str, Any]) -> None:
         assert not {"type", "time"} & run_info.keys(), "run_info may not set 'type' or 'time'"
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         # A kill mid-flush in an earlier segment leaves a torn line; appending after it would merge two lines.
         repair_torn_tail(self.path)
-        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fd: int | None = open_append(self.path)
         self._start = time.perf_counter()
         self._last_flush = self._start
         self._buffer: list[bytes] = []
@@ -112,9 +111,7 @@ class MetricsRecorder:
 
     def _append(self, records: list[bytes]) -> None:
         assert self._fd is not None, "MetricsRecorder is closed"
-        data = memoryview(b"".join(r + b"\n" for r in records))
-        while data:
-            data = data[os.write(self._fd, data):]
+        write_all(self._fd, b"".join(r + b"\n" for r in records))
 
     def __enter__(self) -> MetricsRecorder:
         return self
@@ -124,6 +121,3 @@ class MetricsRecorder:
         # Without close() (an exception, Ctrl-C) the steps are kept and the segment reads as killed.
         if self._fd is not None:
             self._finish()
-
-
-# --- loading -------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The results file: one JSONL line per finished request (plain or OpenAI batch format), error lines, resume.
 
-Owns the output formats, the optional separate errors file, and the repair of a torn last line after a kill.
+Owns the output formats, the optional separate errors file, and resume (what is done; jsonl.py repairs a torn
+last line after a kill).
 """
 
 from __future__ import annotations
@@ -8,7 +9,6 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -17,6 +17,7 @@ from typing import Any, Literal
 import orjson
 
 from batchrun.errors import UserError
+from batchrun.jsonl import iter_jsonl, open_append, repair_torn_tail, write_all
 from batchrun.requests import InvalidLine, Request
 
 FinishReason = Literal["stop", "length"]
@@ -26,7 +27,6 @@ FinishReason = Literal["stop", "length"]
 # per line would cost a disk round trip per request (milliseconds, more than a short request's decode), so it
 # is done at most every FSYNC_INTERVAL_S and at close: a crash of the machine loses a few seconds of work.
 FSYNC_INTERVAL_S = 5.0
-_TAIL_CHUNK = 1 << 16
 # A duplicate_id error line carries the id of another (valid) record: that id is not done by it.
 _FOREIGN_ID_CODES = frozenset({"duplicate_id"})
 
@@ -72,7 +72,7 @@ class OutputWriter:
         for p in (self.path, self.errors_path):
             if p is not None:
                 self._resume(p)
-                self._fds[p] = _open_append(p)
+                self._fds[p] = open_append(p)
 
     # --- resume -----------------------------------------------------------------------------------------
 
@@ -191,12 +191,7 @@ class OutputWriter:
     def _write(self, path: Path, obj: dict[str, Any]) -> None:
         fd = self._fds.get(path)
         assert fd is not None, "the writer is closed"
-        data = orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE)
-        # One write call of the whole line: with O_APPEND it lands at the end in one piece; a kill can only
-        # leave a prefix of it, which resume cuts away. The loop covers a short write (disk full, signal).
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        write_all(fd, orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE))  # the whole line in one write call
         self.num_written += 1
         now = time.monotonic()
         if now - self._last_fsync >= FSYNC_INTERVAL_S:
@@ -221,98 +216,6 @@ class OutputWriter:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
-
-
-def open_writer(path: str | os.PathLike[str], *, errors_path: str | os.PathLike[str] | None = None,
-                model_name: str | None = None) -> OutputWriter:
-    """Opens (and resumes) the output; use as `with open_writer(out, errors_path=errs) as writer:`."""
-    return OutputWriter(path, errors_path=errors_path, model_name=model_name)
-
-
-# --- JSONL reading, shared with stats.py --------------------------------------------------------------------
-
-
-def iter_jsonl(path: str | os.PathLike[str], *, allow_torn_tail: bool = True) -> Iterator[tuple[int, dict]]:
-    """(1-based line number, object) for each line, streaming; blank lines are skipped.
-
-    A line that is not a JSON object raises UserError naming the file and line, except, with
-    `allow_torn_tail`, the last line when it is torn (no newline, or not JSON): a kill mid-write leaves one.
-    """
-    path = Path(path)
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        return
-    with f:
-        pending: tuple[int, str] | None = None  # a bad line, forgiven only if it turns out to be the last
-        for line_no, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            if pending is not None:
-                raise UserError(f"{path}:{pending[0]}: {pending[1]}")
-            problem = None if raw.endswith(b"\n") else "torn line (no newline at its end)"
-            obj: Any = None
-            if problem is None:
-                try:
-                    obj = orjson.loads(raw)
-                except orjson.JSONDecodeError as e:
-                    problem = f"not valid JSON ({e})"
-            if problem is None and not isinstance(obj, dict):
-                raise UserError(f"{path}:{line_no}: not a JSON object")
-            if problem is not None:
-                pending = (line_no, problem)
-                continue
-            yield line_no, obj
-        if pending is not None and not allow_torn_tail:
-            raise UserError(f"{path}:{pending[0]}: {pending[1]}")
-
-
-def repair_torn_tail(path: str | os.PathLike[str]) -> int:
-    """Cuts away a torn last line (no newline at its end, or not valid JSON); returns the bytes removed.
-
-    Reads only the tail of the file, so opening a large output to resume stays cheap.
-    """
-    path = Path(path)
-    try:
-        f = open(path, "r+b")
-    except FileNotFoundError:
-        return 0
-    with f:
-        size = f.seek(0, os.SEEK_END)
-        end = _rfind_newline(f, size) + 1  # just past the last newline; 0 when there is none
-        start = _rfind_newline(f, end - 1) + 1 if end > 0 else 0  # the last complete line is [start, end)
-        cut = end
-        if end > start:
-            f.seek(start)
-            last = f.read(end - start)
-            if last.strip():
-                try:
-                    orjson.loads(last)
-                except orjson.JSONDecodeError:
-                    cut = start
-        if cut < size:
-            f.truncate(cut)
-            f.flush()
-            os.fsync(f.fileno())
-        return size - cut
-
-
-def _rfind_newline(f: Any, before: int) -> int:
-    """Offset of the last b"\\n" at an offset < `before`, or -1."""
-    pos = before
-    while pos > 0:
-        lo = max(0, pos - _TAIL_CHUNK)
-        f.seek(lo)
-        i = f.read(pos - lo).rfind(b"\n")
-        if i >= 0:
-            return lo + i
-        pos = lo
-    return -1
-
-
-def _open_append(path: Path) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -9,23 +9,24 @@ from rich.console import Console
 from rich.table import Table
 
 from batchrun.plan import Plan, PlanHeader
+from batchrun.sizes import human_bytes
 
 
 def plan_summary_json(header: PlanHeader) -> dict[str, Any]:
     """The summary that `plan --json` prints: stable keys for scripts."""
     s = header.summary
     return {
-        "requests": s["requests"],
-        "invalid": s["invalid"],
-        "groups": s["num_groups"],
-        "levels": s["num_levels"],
-        "shared_prefixes": s["num_shared_nodes"],
-        "prompt_tokens": s["prompt_tokens"],
-        "prefill_tokens": s["prefill_tokens"],
-        "saved_prefill_tokens": s["saved_prefill_tokens"],
-        "batches": s["num_batches"],
-        "kv_budget_bytes": header.params["kv_budget_bytes"],
-        "max_batch_kv_bytes": s["max_batch_kv_bytes"],
+        "requests": s.num_requests,
+        "invalid": s.num_invalid,
+        "groups": s.num_groups,
+        "levels": s.num_levels,
+        "shared_prefixes": s.num_shared_nodes,
+        "prompt_tokens": s.prompt_tokens,
+        "prefill_tokens": s.prefill_tokens,
+        "saved_prefill_tokens": s.saved_prefill_tokens,
+        "batches": s.num_batches,
+        "kv_budget_bytes": header.params.kv_budget_bytes,
+        "max_batch_kv_bytes": s.max_batch_kv_bytes,
         "model": header.model_name,
         "input": header.input_path,
     }
@@ -89,11 +90,3 @@ def _node_chain(plan: Plan, node: int) -> list[int]:
 def _segment_lengths(plan: Plan, chain: list[int]) -> list[int]:
     ends = [int(plan.layout.node_len[n]) for n in chain]
     return [end - start for start, end in zip([0, *ends[:-1]], ends, strict=True)]
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")

@@ -1,16 +1,20 @@
-"""The plan file's container: a versioned JSON header, an orjson records blob, and raw numpy arrays.
+"""The plan file: a Plan saved as a versioned JSON header, an orjson records blob, and raw numpy arrays.
 
-Layout: MAGIC, an 8-byte little-endian header length, the header (JSON), then 64-byte aligned sections.
-Arrays load as read-only memory maps, so a plan of a million requests opens in about a second. Writes go to
-a temporary file in the same folder, fsynced and renamed over the target: a reader sees the old plan or the
-new one, never half of one.
+save_plan / load_plan map a Plan onto that container; load_plan_header reads the header alone. Layout: MAGIC,
+an 8-byte little-endian header length, the header (JSON), then 64-byte aligned sections. Arrays load as
+read-only memory maps, so a plan of a million requests opens in about a second. Writes go to a temporary file
+in the same folder, fsynced and renamed over the target: a reader sees the old plan or the new one, never half
+of one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +22,78 @@ import numpy as np
 import orjson
 
 from batchrun.errors import UserError
+from batchrun.plan import Plan, PlanHeader, layout_numbers
+from batchrun.planner import PlanLayout
+from batchrun.requests import InvalidLine, Request, SamplingParams
+from batchrun.tokens import TokenTable
 
 MAGIC = b"BATCHRUN-PLAN\n"
 FORMAT_VERSION = 1
 ALIGN = 64
+# A request's record: its fields in declared order with its sampling parameters inlined (as their fields).
+_REQUEST_FIELDS = tuple(f.name for f in dataclasses.fields(Request) if f.name != "sampling")
+_SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
+
+
+def save_plan(plan: Plan, path: Path) -> None:
+    """Writes the plan atomically (see write_container)."""
+    records = {
+        "requests": [_request_record(r) for r in plan.requests],
+        "invalid": [list(dataclasses.astuple(r)) for r in plan.invalid],
+    }
+    arrays = {"tokens": plan.tokens.tokens, "token_indptr": plan.tokens.indptr}
+    arrays |= {f"layout.{f.name}": getattr(plan.layout, f.name) for f in dataclasses.fields(plan.layout)
+               if isinstance(getattr(plan.layout, f.name), np.ndarray)}
+    write_container(path, {"plan": plan.header.to_json(), "layout": layout_numbers(plan.layout)}, records, arrays)
+
+
+def load_plan(path: Path) -> Plan:
+    """The plan at `path`, its arrays memory-mapped; UserError when it is not a plan of this format."""
+    header, base = read_header(path)
+    records = read_records(path, header, base)
+    arrays = read_arrays(path, header, base)
+    with _damaged_if_malformed(path):
+        layout_fields = {f.name: arrays.get(f"layout.{f.name}", header["layout"].get(f.name))
+                         for f in dataclasses.fields(PlanLayout)}
+        return Plan(
+            header=PlanHeader.from_json(header["plan"]),
+            requests=[_request_from_record(r) for r in records["requests"]],
+            invalid=[InvalidLine(*r) for r in records["invalid"]],
+            tokens=TokenTable(arrays["tokens"], arrays["token_indptr"]),
+            layout=PlanLayout(**layout_fields),
+        )
+
+
+def load_plan_header(path: Path) -> PlanHeader:
+    """The header alone (fast): for checks and summaries that need no arrays."""
+    header, _ = read_header(path)
+    with _damaged_if_malformed(path):
+        return PlanHeader.from_json(header["plan"])
+
+
+@contextmanager
+def _damaged_if_malformed(path: Path) -> Iterator[None]:
+    """A plan whose parts do not fit together (damaged, or written by another batchrun) is a UserError."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, AssertionError) as e:
+        raise UserError(f"{path}: the plan file is damaged or was made by another version of batchrun "
+                        f"({type(e).__name__}: {e}); make it again with `batchrun plan`") from None
+
+
+def _request_record(r: Request) -> list[Any]:
+    return [*(getattr(r, name) for name in _REQUEST_FIELDS),
+            *(getattr(r.sampling, name) for name in _SAMPLING_FIELDS)]
+
+
+def _request_from_record(record: Sequence[Any]) -> Request:
+    values = dict(zip((*_REQUEST_FIELDS, *_SAMPLING_FIELDS), record, strict=True))
+    sampling = {name: values.pop(name) for name in _SAMPLING_FIELDS}
+    sampling["stop"] = tuple(sampling["stop"])  # JSON has no tuples
+    return Request(**values, sampling=SamplingParams(**sampling))
+
+
+# -- the container ----------------------------------------------------------------------------------------------
 
 
 def write_container(path: Path, header: dict[str, Any], records: Any, arrays: dict[str, np.ndarray]) -> None:

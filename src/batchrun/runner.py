@@ -9,8 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from rich.console import Console
 
 from batchrun import defaults
@@ -18,10 +18,14 @@ from batchrun.errors import UserError
 from batchrun.metrics import MetricsRecorder, metrics_path_for
 from batchrun.model.spec import ModelSpec, resolve_model
 from batchrun.output import OutputWriter
-from batchrun.plan import Plan, check_plan, load_plan
+from batchrun.plan import Plan
+from batchrun.plan_checks import check_plan, check_same_plan
+from batchrun.planfile import load_plan
 from batchrun.progress import ProgressWriter
 from batchrun.requests import file_fingerprint
-from batchrun.stats import check_same_plan
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,8 @@ class RunOutcome:
 
 def resolve_device(name: str) -> torch.device:
     """'auto' (CUDA when there is one), 'cpu' or 'cuda'; UserError when CUDA is asked for and absent."""
+    import torch  # the distributed driver imports this module and never touches a device itself
+
     if name not in ("auto", "cpu", "cuda"):
         raise UserError(f"--device must be auto, cpu or cuda, not {name!r}", exit_code=2)
     if name == "cuda" and not torch.cuda.is_available():
@@ -77,7 +83,7 @@ def open_run(plan: Plan, plan_path: Path, output: Path, *, errors_path: Path | N
     and writes an error line for each of the plan's invalid records not yet in the output. The caller has
     checked (check_same_plan) that the output was not written from another plan, before loading a model."""
     info = {"plan_fingerprint": plan.header.fingerprint, "plan": str(plan_path.resolve()),
-            "kv_budget_bytes": plan.header.params["kv_budget_bytes"], "device": device, "model": spec.name,
+            "kv_budget_bytes": plan.header.params.kv_budget_bytes, "device": device, "model": spec.name,
             "dtype": spec.config.dtype, "errors_path": str(errors_path.resolve()) if errors_path else None,
             **run_info}
     with OutputWriter(output, errors_path=errors_path, model_name=spec.name) as writer:
@@ -94,6 +100,8 @@ def open_run(plan: Plan, plan_path: Path, output: Path, *, errors_path: Path | N
 
 def run_plan_file(plan_path: Path, output: Path, *, errors_path: Path | None, model: str | None, device: str,
                   console: Console, threads: int | None = None) -> RunOutcome:
+    import torch
+
     from batchrun.attention import select_backend
     from batchrun.engine.engine import Engine
     from batchrun.model.loader import load_model
@@ -111,7 +119,7 @@ def run_plan_file(plan_path: Path, output: Path, *, errors_path: Path | None, mo
     tokenizer = load_tokenizer(spec)
     with open_run(plan, plan_path, output, errors_path=errors_path, spec=spec, device=str(torch_device),
                   console=console) as run:
-        engine = Engine(loaded, tokenizer, plan, kv_budget_bytes=plan.header.params["kv_budget_bytes"],
+        engine = Engine(loaded, tokenizer, plan, kv_budget_bytes=plan.header.params.kv_budget_bytes,
                         backend=select_backend(torch_device))
         start = time.perf_counter()
         summary = engine.run(run.progress, run.metrics, skip_ids=run.skip_ids(plan))

@@ -9,11 +9,12 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
 from batchrun.errors import UserError
+from batchrun.jsonl import iter_jsonl
 from batchrun.metrics import (
     METRICS_SUFFIX,
     STEP_FIELDS,
@@ -22,7 +23,6 @@ from batchrun.metrics import (
     metrics_path_for,
     output_path_for,
 )
-from batchrun.output import iter_jsonl
 from batchrun.planfile import MAGIC as PLAN_MAGIC
 
 
@@ -65,6 +65,16 @@ class Steps:
         return float((busy * share).sum()), float((busy * (1 - share)).sum())
 
 
+class SegmentTotals(NamedTuple):
+    """A segment's "summary" record (metrics.SUMMARY_FIELDS), written when the run ended normally."""
+
+    wall_seconds: float
+    prompt_tokens: int
+    computed_prompt_tokens: int
+    output_tokens: int
+    peak_kv_bytes: int
+
+
 @dataclass(frozen=True)
 class Segment:
     """One `batchrun run` invocation. Without a summary (killed), wall time is its last step's `t`, computed
@@ -73,7 +83,7 @@ class Segment:
 
     run_info: dict[str, Any]
     steps: Steps
-    summary: dict[str, Any] | None
+    summary: SegmentTotals | None
     workers: tuple[dict[str, Any], ...] = ()  # a distributed run's per-worker records
 
     @property
@@ -83,25 +93,25 @@ class Segment:
     @property
     def wall_seconds(self) -> float:
         if self.summary is not None:
-            return float(self.summary["wall_seconds"])
+            return float(self.summary.wall_seconds)
         return float(self.steps.t[-1]) if len(self.steps) else 0.0
 
     @property
     def computed_prompt_tokens(self) -> int:
         if self.summary is not None:
-            return int(self.summary["computed_prompt_tokens"])
+            return int(self.summary.computed_prompt_tokens)
         return int(self.steps.num_prefill_tokens.sum())
 
     @property
     def output_tokens(self) -> int:
         if self.summary is not None:
-            return int(self.summary["output_tokens"])
+            return int(self.summary.output_tokens)
         return int(self.steps.num_decode_tokens.sum())
 
     @property
     def peak_kv_bytes(self) -> int:
         peak = int(self.steps.kv_bytes.max()) if len(self.steps) else 0
-        return max(peak, int(self.summary["peak_kv_bytes"])) if self.summary is not None else peak
+        return max(peak, int(self.summary.peak_kv_bytes)) if self.summary is not None else peak
 
 
 @dataclass(frozen=True)
@@ -175,7 +185,7 @@ def load_report(path: str | os.PathLike[str], *, errors_path: str | os.PathLike[
         raise UserError(f"no metrics file {metrics_path} (`batchrun run` writes it beside its output)")
     if not output_path.is_file():
         raise UserError(f"no output file {output_path} beside the metrics file {metrics_path}")
-    segments = _load_segments(metrics_path)
+    segments = load_segments(metrics_path)
     error_files = {Path(errors_path)} if errors_path is not None else {
         Path(p) for s in segments if (p := s.run_info.get("errors_path"))
     }
@@ -191,11 +201,12 @@ def load_report(path: str | os.PathLike[str], *, errors_path: str | os.PathLike[
     )
 
 
-def _load_segments(path: Path) -> list[Segment]:
+def load_segments(path: Path) -> list[Segment]:
+    """The run segments of a metrics file, in file order; UserError naming the line when it is not one."""
     segments: list[Segment] = []
     run: dict[str, Any] | None = None
     rows: list[tuple[float, float, int, int, int, int]] = []
-    summary: dict[str, Any] | None = None
+    summary: SegmentTotals | None = None
     workers: list[dict[str, Any]] = []
 
     def close_segment() -> None:
@@ -223,7 +234,7 @@ def _load_segments(path: Path) -> list[Segment]:
                                 "is_lost": bool(rec.get("is_lost", False)),
                                 **{k: _number(rec, k, where) for k in WORKER_FIELDS}})
             else:
-                summary = {k: _number(rec, k, where) for k in SUMMARY_FIELDS}
+                summary = SegmentTotals(**{k: _number(rec, k, where) for k in SUMMARY_FIELDS})
         else:
             raise UserError(f"{where}: unknown record type {kind!r} (expected run, step, worker or summary)")
     close_segment()
@@ -261,7 +272,7 @@ StatsKind = Literal["output", "metrics", "plan"]
 
 def stats_target_kind(path: str | os.PathLike[str]) -> StatsKind:
     """What `batchrun stats PATH` was given: a plan (its magic bytes), a metrics file (its name), else an
-    output file. "plan" is the hook for `batchrun stats PLAN`: the CLI hands it to plan.py's summary; this
+    output file. "plan" is the hook for `batchrun stats PLAN`: the CLI hands it to plan_view's summary; this
     module does not read plans."""
     path = Path(path)
     if str(path).endswith(METRICS_SUFFIX):
@@ -273,21 +284,6 @@ def stats_target_kind(path: str | os.PathLike[str]) -> StatsKind:
     except OSError:
         pass  # missing or unreadable: load_report says so, naming the file
     return "output"
-
-
-def check_same_plan(output_path: str | os.PathLike[str], plan_fingerprint: str) -> None:
-    """Refuses to resume an output that earlier segments wrote from another plan (their `plan_fingerprint`
-    in run_info differs): resume matches records by id and line, which only holds for the same plan."""
-    metrics_path = metrics_path_for(output_path)
-    if not metrics_path.is_file():
-        return
-    for seg in _load_segments(metrics_path):
-        earlier = seg.run_info.get("plan_fingerprint")
-        if earlier is not None and earlier != plan_fingerprint:
-            raise UserError(
-                f"{output_path} was written from another plan (fingerprint {earlier}, this plan "
-                f"{plan_fingerprint}): choose another output file or remove it and its {metrics_path.name}"
-            )
 
 
 # --- report as JSON ------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from batchrun.errors import UserError
-from batchrun.plan_view import human_bytes
+from batchrun.sizes import human_bytes
 from batchrun.stats import Report, Steps, report_json
 
 _NUM_WINDOWS = 10  # rows of the "over time" table

@@ -14,9 +14,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from batchrun.distributed.messages import ResultBatch, UnitTask, WorkerInfo
 from batchrun.distributed.subplan import slice_plan
 from batchrun.distributed.units import dispatch_order, make_units, unit_config
-from batchrun.distributed.worker import ResultBatch, UnitTask, WorkerInfo
 from batchrun.metrics import MetricsRecorder
 from batchrun.plan import Plan
 from batchrun.planner import kv_tokens
@@ -96,7 +96,7 @@ class Dispatcher:
 
     def __post_init__(self) -> None:
         self.workers: list[_WorkerState] = []
-        self.kv_budget_bytes = int(self.plan.header.params["kv_budget_bytes"])
+        self.kv_budget_bytes = self.plan.header.params.kv_budget_bytes
         self.kv_bytes_per_token = self.plan.header.kv_bytes_per_token
         self.prompt_len = self.plan.tokens.lengths.astype(np.int64)
         self.max_tokens = self.plan.max_tokens.astype(np.int64)

@@ -16,13 +16,13 @@ import numpy as np
 from rich.console import Console
 
 from batchrun.distributed.dispatch import BatchEvent, Dispatcher
+from batchrun.distributed.messages import FLUSH_RESULTS
 from batchrun.distributed.units import TAIL_UNITS_PER_WORKER
-from batchrun.distributed.worker import FLUSH_RESULTS, UnitWorker
 from batchrun.errors import UserError
 from batchrun.model.spec import ModelSpec
-from batchrun.plan import load_plan
+from batchrun.plan_checks import check_same_plan
+from batchrun.planfile import load_plan
 from batchrun.runner import RunOutcome, open_run, plan_model
-from batchrun.stats import check_same_plan
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,8 @@ def run_distributed(plan_path: Path, output: Path, *, errors_path: Path | None, 
 def _run_workers(ray: Any, dispatcher: Dispatcher, cluster: ClusterSpec, spec: ModelSpec, *, is_done: np.ndarray,
                  tail_units_per_worker: int) -> None:
     """Starts the workers (each loads the model), runs the plan's remaining units on them, and stops them."""
+    from batchrun.distributed.worker import UnitWorker  # torch and the engine: in the actors, not the driver
+
     actor_class = ray.remote(UnitWorker).options(
         num_cpus=cluster.cpus_per_worker, num_gpus=1 if cluster.use_gpu else 0, max_restarts=0)
     actors = [actor_class.remote(model_path=spec.location, dtype=spec.config.dtype, fingerprint=spec.fingerprint,

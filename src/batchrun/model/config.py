@@ -6,12 +6,14 @@ Owns the list of supported architectures and the KV-memory arithmetic that the p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from batchrun.dtypes import DTYPE_BYTES, dtype_name
+
+if TYPE_CHECKING:
+    import torch
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ModelConfigError(ValueError):
@@ -50,15 +52,17 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         assert self.num_heads % self.num_kv_heads == 0, "query heads must be a multiple of KV heads"
-        assert self.dtype in DTYPES, self.dtype
+        assert self.dtype in DTYPE_BYTES, self.dtype
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        import torch  # only where the model is built: planning and reporting import no torch
+
+        return getattr(torch, self.dtype)
 
     @property
     def dtype_bytes(self) -> int:
-        return torch.tensor([], dtype=self.torch_dtype).element_size()
+        return DTYPE_BYTES[self.dtype]
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -80,7 +84,7 @@ class ModelConfig:
             eos = raw.get("eos_token_id")
             eos_list = eos if isinstance(eos, list) else [] if eos is None else [eos]
             eos_ids = tuple(int(e) for e in eos_list)
-            cfg_dtype = _dtype_name(dtype or raw.get("torch_dtype") or raw.get("dtype") or "float32")
+            cfg_dtype = dtype_name(dtype or raw.get("torch_dtype") or raw.get("dtype") or "float32")
             max_pos = int(raw.get("max_position_embeddings", 2048))
             # transformers 5 writes `rope_parameters` (rope_theta inside it); older configs a top-level
             # `rope_theta` plus an optional `rope_scaling`. As in transformers, rope_parameters wins.
@@ -108,21 +112,6 @@ class ModelConfig:
             raise ModelConfigError(f"config.json has no field {e.args[0]!r}") from None
         except (TypeError, ValueError) as e:
             raise ModelConfigError(f"config.json has a bad value: {e}") from None
-
-
-def _dtype_name(name: str) -> str:
-    name = str(name).removeprefix("torch.")
-    aliases = {
-        "float": "float32",
-        "fp32": "float32",
-        "bf16": "bfloat16",
-        "half": "float16",
-        "fp16": "float16",
-    }
-    name = aliases.get(name, name)
-    if name not in DTYPES:
-        raise ModelConfigError(f"dtype {name!r} is not supported (use one of {', '.join(DTYPES)})")
-    return name
 
 
 def _rope_scaling(raw: dict[str, Any], max_position_embeddings: int) -> RopeScaling | None:

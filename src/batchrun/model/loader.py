@@ -16,8 +16,9 @@ from typing import Any, Protocol
 import torch
 from safetensors import SafetensorError, safe_open
 
+from batchrun.dtypes import DTYPE_BYTES
 from batchrun.errors import UserError
-from batchrun.model.config import DTYPES, ModelConfig
+from batchrun.model.config import ModelConfig
 from batchrun.model.llama import LayerWeights, LlamaModel, ModelWeights
 from batchrun.model.spec import ModelSpec
 
@@ -77,10 +78,10 @@ def _has_o_bias(config: ModelConfig) -> bool:
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
-    for name, value in DTYPES.items():
-        if value == dtype:
+    for name in DTYPE_BYTES:
+        if getattr(torch, name) == dtype:
             return name
-    raise UserError(f"dtype {dtype} is not supported (use one of {', '.join(DTYPES)})")
+    raise UserError(f"dtype {dtype} is not supported (use one of {', '.join(DTYPE_BYTES)})")
 
 
 class _TensorSource(Protocol):

@@ -1,0 +1,38 @@
+"""What `batchrun run` checks before it loads a model: that the plan's input file and model are still those it
+was made for, and that the output it resumes was written from this plan."""
+
+from __future__ import annotations
+
+import os
+
+from batchrun.errors import UserError
+from batchrun.metrics import metrics_path_for
+from batchrun.model.spec import ModelSpec
+from batchrun.plan import PlanHeader
+from batchrun.stats import load_segments
+
+
+def check_plan(header: PlanHeader, *, input_fingerprint: str | None, model: ModelSpec) -> None:
+    """Refuses (UserError) a plan whose input file or model has changed since it was made."""
+    if input_fingerprint is not None and input_fingerprint != header.input_fingerprint:
+        raise UserError(f"the input file {header.input_path} has changed since the plan was made; "
+                        "make the plan again with `batchrun plan`")
+    if model.fingerprint != header.model_fingerprint:
+        raise UserError(f"model {model.name!r} is not the model the plan was made for ({header.model_name!r}, "
+                        f"fingerprint {header.model_fingerprint}, this one {model.fingerprint}); "
+                        "use that model or make the plan again")
+
+
+def check_same_plan(output_path: str | os.PathLike[str], plan_fingerprint: str) -> None:
+    """Refuses to resume an output that earlier segments wrote from another plan (their `plan_fingerprint`
+    in run_info differs): resume matches records by id and line, which only holds for the same plan."""
+    metrics_path = metrics_path_for(output_path)
+    if not metrics_path.is_file():
+        return
+    for seg in load_segments(metrics_path):
+        earlier = seg.run_info.get("plan_fingerprint")
+        if earlier is not None and earlier != plan_fingerprint:
+            raise UserError(
+                f"{output_path} was written from another plan (fingerprint {earlier}, this plan "
+                f"{plan_fingerprint}): choose another output file or remove it and its {metrics_path.name}"
+            )

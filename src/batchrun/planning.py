@@ -1,0 +1,118 @@
+"""The planning pipeline, what `batchrun plan` runs: input.jsonl → requests (bad lines kept as InvalidLine
+records) → token ids → validation against the model and the KV budget → planner layout → Plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from batchrun import __version__
+from batchrun.errors import UserError
+from batchrun.model.spec import ModelSpec
+from batchrun.plan import Plan, PlanHeader, PlanSummary
+from batchrun.planner import PlannerConfig, plan_requests
+from batchrun.requests import InputReader, InvalidLine, ParsedLine, Request
+from batchrun.tokenizer import EncodeError, encode_lines
+from batchrun.tokens import TokenTable
+
+ENCODE_CHUNK = 4096  # lines tokenized per batch: big enough for the Rust tokenizer, small enough for memory
+
+
+def build_plan(input_path: Path, spec: ModelSpec, tokenizer: Any, config: PlannerConfig) -> Plan:
+    """Reads, validates and tokenizes the input, then plans it. Bad lines become InvalidLine records."""
+    reader = InputReader(input_path)
+    requests: list[Request] = []
+    invalid: list[InvalidLine] = []
+    chunks: list[np.ndarray] = []
+    lengths: list[int] = []
+    num_json = 0
+    for batch in _chunks(reader, ENCODE_CHUNK):
+        parsed = [p for p in batch if isinstance(p, ParsedLine)]
+        num_json += sum(1 for p in batch if not (isinstance(p, InvalidLine) and p.code == "invalid_json"))
+        encoded = iter(encode_lines(tokenizer, parsed))
+        for item in batch:
+            if isinstance(item, InvalidLine):
+                invalid.append(item)
+                continue
+            ids = next(encoded)
+            problem = _token_problem(item, ids, spec, config)
+            if problem is not None:
+                invalid.append(problem)
+                continue
+            requests.append(item.request)
+            chunks.append(np.asarray(ids, dtype=np.int32))
+            lengths.append(len(ids))
+    if reader.num_lines == 0 or not (requests or invalid):
+        raise UserError(f"{input_path}: the file is empty (expected one JSON request per line)")
+    if num_json == 0:
+        raise UserError(f"{input_path}: not a JSONL file (no line is a JSON value; expected one request per line)")
+    invalid = _with_file_format(invalid, requests)
+    indptr = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    tokens = TokenTable(np.concatenate(chunks) if chunks else np.zeros(0, np.int32), indptr)
+    max_tokens = np.fromiter((r.sampling.max_tokens for r in requests), np.int32, len(requests))
+    layout = plan_requests(tokens, max_tokens, kv_bytes_per_token=spec.config.kv_bytes_per_token, config=config)
+    header = PlanHeader(
+        input_path=str(input_path.resolve()),
+        input_fingerprint=reader.fingerprint,
+        model_name=spec.name,
+        model_path=spec.location,
+        model_dtype=spec.config.dtype,
+        model_fingerprint=spec.fingerprint,
+        kv_bytes_per_token=spec.config.kv_bytes_per_token,
+        params=config,
+        summary=PlanSummary.of(layout, num_requests=len(requests), num_invalid=len(invalid)),
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        batchrun_version=__version__,
+    )
+    return Plan(header=header, requests=requests, invalid=sorted(invalid, key=lambda r: r.line),
+                tokens=tokens, layout=layout)
+
+
+def _with_file_format(invalid: list[InvalidLine], requests: list[Request]) -> list[InvalidLine]:
+    """A line that is not JSON has no format of its own: give it the file's (the first request's), so that
+    an OpenAI batch file gets OpenAI-shaped error lines throughout."""
+    if not requests or requests[0].format == "plain":
+        return invalid
+    return [dataclasses.replace(r, format=requests[0].format) if r.code == "invalid_json" else r for r in invalid]
+
+
+def _chunks(reader: InputReader, size: int) -> Iterator[list[ParsedLine | InvalidLine]]:
+    batch: list[ParsedLine | InvalidLine] = []
+    for item in reader:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _token_problem(parsed: ParsedLine, ids: list[int] | EncodeError, spec: ModelSpec,
+                   config: PlannerConfig) -> InvalidLine | None:
+    """Why these token ids cannot be run, as an InvalidLine, or None."""
+    req = parsed.request
+    field = ("body." if req.format == "openai" else "") + ("messages" if req.endpoint == "chat" else "prompt")
+    if isinstance(ids, EncodeError):
+        return InvalidLine(req.line, req.id, req.format, "invalid_prompt", f"field {field!r}: {ids}")
+    if not ids:
+        return InvalidLine(req.line, req.id, req.format, "empty_prompt",
+                           f"field {field!r}: the prompt has no tokens (the model adds no BOS token)")
+    context = spec.config.max_position_embeddings
+    max_tokens = req.sampling.max_tokens
+    if len(ids) + max_tokens > context:
+        return InvalidLine(req.line, req.id, req.format, "context_length_exceeded",
+                           f"field {field!r}: {len(ids)} prompt tokens plus max_tokens {max_tokens} exceed "
+                           f"the model's context of {context} tokens")
+    need = (len(ids) + max_tokens) * spec.config.kv_bytes_per_token
+    if need > config.kv_budget_bytes:
+        return InvalidLine(req.line, req.id, req.format, "kv_budget_exceeded",
+                           f"field {field!r}: this request alone needs {need} bytes of KV cache, above the KV "
+                           f"budget of {config.kv_budget_bytes} bytes (raise --kv-budget)")
+    return None
