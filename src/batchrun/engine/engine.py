@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -117,10 +117,9 @@ class Engine:
             return _Run(self, writer, metrics, skip_ids).loop()
 
 
-
 @dataclass
 class _Counts:
-    """What a run has done so far: RunSummary's counts, and the most KV slots held at once."""
+    """What a run has done so far: RunSummary's counts, with the peak KV in slots."""
 
     num_completed: int = 0
     num_failed: int = 0
@@ -252,17 +251,9 @@ class _Run:
             self._complete(r, reason)
 
     def _close(self, wall: float) -> RunSummary:
-        counts = self.counts
-        summary = RunSummary(
-            num_completed=counts.num_completed,
-            num_failed=counts.num_failed,
-            num_steps=counts.num_steps,
-            prompt_tokens=counts.prompt_tokens,
-            computed_prompt_tokens=counts.computed_prompt_tokens,
-            output_tokens=counts.output_tokens,
-            peak_kv_bytes=counts.peak_kv_tokens * self.kv.bytes_per_token,
-            wall_seconds=wall,
-        )
+        counts = asdict(self.counts)
+        peak_kv_bytes = counts.pop("peak_kv_tokens") * self.kv.bytes_per_token
+        summary = RunSummary(**counts, peak_kv_bytes=peak_kv_bytes, wall_seconds=wall)
         if self.metrics is not None:
             self.metrics.close(
                 wall_seconds=wall,
