@@ -1,10 +1,13 @@
-"""The finish rules (EOS, stop strings, max_tokens): one request's StopChecker, with its incremental text."""
+"""The finish rules (EOS, stop strings, max_tokens, NaN logits) over a step, one request's StopChecker with its
+incremental text, and the per-request state's slot bookkeeping."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from batchrun.engine.finish import StopChecker
+from batchrun.engine.finish import Finished, FinishRules, StopChecker
+from batchrun.engine.request_state import RequestState
 from batchrun.model.spec import resolve_model
 from batchrun.requests import SamplingParams
 from batchrun.tokenizer import load_tokenizer
@@ -80,3 +83,38 @@ def test_stop_checker_text_is_the_full_decode_and_costs_linear_decoding():
         for i in range(len(ids)):
             checker.check(ids[: i + 1], decode)
         assert checker.text == sample
+
+
+def test_finish_rules_fail_nan_rows_first_then_stop_strings_then_eos_and_length():
+    decode = _Decode(["a", "</s>", "b", "STO", "P", "c"])
+    params = [
+        _params(max_tokens=9),  # EOS
+        _params(max_tokens=9, min_tokens=4),  # EOS before min_tokens: goes on
+        _params(max_tokens=2),  # length
+        _params(max_tokens=9, stop=("STOP",)),  # a stop string
+        _params(max_tokens=9),  # NaN logits
+        _params(max_tokens=9),  # goes on
+    ]
+    rules = FinishRules(params, eos_token_ids=[EOS], decode=decode)
+    output_ids = [[1], [1], [0, 0], [3, 4], [0], [0]]
+    requests = np.arange(6)
+    tokens = np.array([ids[-1] for ids in output_ids])
+    num_generated = np.array([len(ids) for ids in output_ids])
+    is_nan = np.array([False, False, False, False, True, False])
+    got = rules.check(requests, tokens, num_generated=num_generated, output_ids=output_ids, is_nan=is_nan)
+    assert got.nan_requests == [4]
+    assert got.finished == [Finished(3, "stop"), Finished(0, "stop"), Finished(2, "length")]
+    assert rules.text(3, output_ids[3]) == "" and rules.text(2, output_ids[2]) == "aa"
+
+
+def test_request_state_holds_and_releases_slots_once():
+    state = RequestState(num_requests=2, num_nodes=1)
+    state.hold_node(0, np.array([0, 1]))
+    state.hold_request(1, np.array([2, 3, 4]))
+    state.append(np.array([1]), np.array([7]))
+    assert state.is_admitted(1) and not state.is_admitted(0)
+    assert state.output_ids[1] == [7] and state.last_token[1] == 7 and state.num_generated[1] == 1
+    assert state.release_request(1).tolist() == [2, 3, 4] and state.output_ids[1] == []
+    assert state.release_node(0).tolist() == [0, 1]
+    with pytest.raises(AssertionError):
+        state.release_node(0)
