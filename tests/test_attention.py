@@ -10,28 +10,52 @@ import pytest
 import torch
 
 from batchrun import attention as attn
-from batchrun import attention_plan, attention_run
+from batchrun.attention import torch_backend, torch_buckets
+
+
+def _backend(q: torch.Tensor) -> attn.TorchBackend:
+    return attn.TorchBackend(q.device, compute_dtype=torch.promote_types(q.dtype, torch.float32))
+
+
+def _host(a: torch.Tensor) -> np.ndarray:
+    return a.detach().cpu().numpy()
+
+
+def prefix_attention(q, k_cache, v_cache, *, q_start, q_len, kv_indices, kv_indptr, sm_scale):
+    """A prefix part through the torch backend's public entries, with the metadata given as tensors."""
+    backend = _backend(q)
+    layout = backend.prepare_prefix(q_start=_host(q_start), q_len=_host(q_len), kv_indices=_host(kv_indices),
+                                    kv_indptr=_host(kv_indptr), gqa_ratio=q.shape[1] // k_cache.shape[1])
+    return backend.prefix(layout, q, k_cache, v_cache, sm_scale=sm_scale)
+
+
+def own_attention(q, k_cache, v_cache, *, q_indptr, kv_indices, kv_indptr, sm_scale):
+    """The own part through the torch backend's public entries, with the metadata given as tensors."""
+    backend = _backend(q)
+    layout = backend.prepare_own(q_indptr=_host(q_indptr), kv_indices=_host(kv_indices), kv_indptr=_host(kv_indptr),
+                                 gqa_ratio=q.shape[1] // k_cache.shape[1])
+    return backend.own(layout, q, k_cache, v_cache, sm_scale=sm_scale)
 
 
 def _reference(q, k_cache, v_cache, keys_per_row, sm_scale):
     """Plain softmax attention, row by row, over explicit key lists; natural-log LSE."""
     num_rows, num_q_heads, head_dim = q.shape
-    group = num_q_heads // k_cache.shape[1]
+    gqa_ratio = num_q_heads // k_cache.shape[1]
     o = torch.zeros(num_rows, num_q_heads, head_dim, dtype=torch.float64)
     lse = torch.full((num_rows, num_q_heads), -math.inf, dtype=torch.float64)
     for r, keys in enumerate(keys_per_row):
         if not keys:
             continue
         idx = torch.tensor(keys)
-        k = k_cache[idx].double().repeat_interleave(group, dim=1)  # [L, Hq, D]
-        v = v_cache[idx].double().repeat_interleave(group, dim=1)
+        k = k_cache[idx].double().repeat_interleave(gqa_ratio, dim=1)  # [L, Hq, D]
+        v = v_cache[idx].double().repeat_interleave(gqa_ratio, dim=1)
         s = torch.einsum("hd,lhd->hl", q[r].double(), k) * sm_scale
         lse[r] = torch.logsumexp(s, -1)
         o[r] = torch.einsum("hl,lhd->hd", torch.softmax(s, -1), v)
     return o, lse
 
 
-def _random_cascade(rng, *, num_kv_heads, group, head_dim, num_depths, dtype=torch.float64):
+def _random_cascade(rng, *, num_kv_heads, gqa_ratio, head_dim, num_depths, dtype=torch.float64):
     """A random tree of prefix segments and sequences (decode rows and prefill chunks) over a slot pool."""
     num_slots = 4000
     perm = rng.permutation(num_slots)  # slots are scattered, as the page-size-1 pool leaves them
@@ -61,7 +85,7 @@ def _random_cascade(rng, *, num_kv_heads, group, head_dim, num_depths, dtype=tor
                 q_len = int(rng.choice([1, 1, kv_len, max(kv_len // 2, 1), kv_len + 2]))
                 seqs.append((chain, take(kv_len), q_len))
     num_rows = sum(s[2] for s in seqs)
-    q = torch.randn(num_rows, num_kv_heads * group, head_dim, dtype=torch.float64).to(dtype)
+    q = torch.randn(num_rows, num_kv_heads * gqa_ratio, head_dim, dtype=torch.float64).to(dtype)
     k_cache = torch.randn(num_slots, num_kv_heads, head_dim, dtype=torch.float64).to(dtype)
     v_cache = torch.randn(num_slots, num_kv_heads, head_dim, dtype=torch.float64).to(dtype)
     return q, k_cache, v_cache, nodes, seqs
@@ -113,27 +137,27 @@ def _keys_per_row(nodes, seqs):
 def kernel(request, monkeypatch):
     """Both torch paths: the fused CPU flash-attention op, and the unfused matmul fallback."""
     if request.param == "matmul":
-        monkeypatch.setattr(attention_run, "_FUSED_CPU_OP", None)
-    elif attention_run._FUSED_CPU_OP is None:
+        monkeypatch.setattr(torch_backend, "_FUSED_CPU_OP", None)
+    elif torch_backend._FUSED_CPU_OP is None:
         pytest.skip("this torch has no fused CPU attention op")
     return request.param
 
 
-@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("gqa_ratio", [1, 2, 4])
 @pytest.mark.parametrize("num_depths", [1, 2, 3])
-def test_cascade_matches_concatenated_kv_float64(group, num_depths, kernel):
-    rng = np.random.default_rng(100 * group + num_depths)
-    torch.manual_seed(100 * group + num_depths)
+def test_cascade_matches_concatenated_kv_float64(gqa_ratio, num_depths, kernel):
+    rng = np.random.default_rng(100 * gqa_ratio + num_depths)
+    torch.manual_seed(100 * gqa_ratio + num_depths)
     for _ in range(6):
         num_kv_heads, head_dim = int(rng.integers(1, 3)), int(rng.choice([8, 16]))
         q, k_cache, v_cache, nodes, seqs = _random_cascade(
-            rng, num_kv_heads=num_kv_heads, group=group, head_dim=head_dim, num_depths=num_depths
+            rng, num_kv_heads=num_kv_heads, gqa_ratio=gqa_ratio, head_dim=head_dim, num_depths=num_depths
         )
         sm_scale = head_dim**-0.5
         own, prefix = _cascade_inputs(nodes, seqs, num_depths)
-        o, lse = attn.own_attention(q, k_cache, v_cache, sm_scale=sm_scale, **own)
+        o, lse = own_attention(q, k_cache, v_cache, sm_scale=sm_scale, **own)
         for meta, rows in prefix:
-            o_p, lse_p = attn.prefix_attention(q, k_cache, v_cache, sm_scale=sm_scale, **meta)
+            o_p, lse_p = prefix_attention(q, k_cache, v_cache, sm_scale=sm_scale, **meta)
             assert o_p.shape[0] == len(rows)
             attn.merge_state_into(o, lse, o_p, lse_p, rows=rows)
         o_ref, lse_ref = _reference(q, k_cache, v_cache, _keys_per_row(nodes, seqs), sm_scale)
@@ -147,16 +171,16 @@ def test_cascade_matches_concatenated_kv_float64(group, num_depths, kernel):
 def test_float32_and_bfloat16_pools_are_close_to_float64(kernel):
     rng = np.random.default_rng(7)
     torch.manual_seed(7)
-    q, k_cache, v_cache, nodes, seqs = _random_cascade(rng, num_kv_heads=2, group=2, head_dim=16, num_depths=2)
+    q, k_cache, v_cache, nodes, seqs = _random_cascade(rng, num_kv_heads=2, gqa_ratio=2, head_dim=16, num_depths=2)
     keys = _keys_per_row(nodes, seqs)
     o_ref, _ = _reference(q, k_cache, v_cache, keys, 0.25)
     own, prefix = _cascade_inputs(nodes, seqs, 2)
     for dtype, atol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
         qd, kd, vd = q.to(dtype), k_cache.to(dtype), v_cache.to(dtype)
-        o, lse = attn.own_attention(qd, kd, vd, sm_scale=0.25, **own)
+        o, lse = own_attention(qd, kd, vd, sm_scale=0.25, **own)
         assert o.dtype == torch.float32 and lse.dtype == torch.float32
         for meta, rows in prefix:
-            attn.merge_state_into(o, lse, *attn.prefix_attention(qd, kd, vd, sm_scale=0.25, **meta), rows=rows)
+            attn.merge_state_into(o, lse, *prefix_attention(qd, kd, vd, sm_scale=0.25, **meta), rows=rows)
         torch.testing.assert_close(o.double(), o_ref, rtol=0, atol=atol)
 
 
@@ -167,14 +191,14 @@ def test_chunked_prefill_equals_one_shot():
     k_cache = torch.randn(60, 2, 16, dtype=torch.float64)
     v_cache = torch.randn(60, 2, 16, dtype=torch.float64)
     slots = torch.randperm(60)[:50]
-    whole = attn.own_attention(
+    whole = own_attention(
         q, k_cache, v_cache, q_indptr=torch.tensor([0, 50]), kv_indices=slots,
         kv_indptr=torch.tensor([0, 50]), sm_scale=0.25,
     )
     # Chunks [0, 13), [13, 30), [30, 50) as three sequences in one call, each seeing the KV up to its end.
     ends = [13, 30, 50]
     kv = torch.cat([slots[:e] for e in ends])
-    chunked = attn.own_attention(
+    chunked = own_attention(
         q, k_cache, v_cache, q_indptr=torch.tensor([0, 13, 30, 50]), kv_indices=kv,
         kv_indptr=torch.tensor([0, 13, 43, 93]), sm_scale=0.25,
     )
@@ -183,14 +207,14 @@ def test_chunked_prefill_equals_one_shot():
 
 
 def test_long_causal_segment_is_split_into_blocks(monkeypatch, kernel):
-    monkeypatch.setattr(attention_plan, "Q_BLOCK", 16)
+    monkeypatch.setattr(torch_buckets, "Q_BLOCK", 16)
     torch.manual_seed(1)
     q = torch.randn(70, 2, 8, dtype=torch.float64)
     k_cache = torch.randn(100, 1, 8, dtype=torch.float64)
     v_cache = torch.randn(100, 1, 8, dtype=torch.float64)
     slots = list(range(100))
     # Two sequences: 45 rows at the end of 80 keys, 25 rows over 20 keys (the first 5 rows see nothing).
-    o, lse = attn.own_attention(
+    o, lse = own_attention(
         q, k_cache, v_cache, q_indptr=torch.tensor([0, 45, 70]),
         kv_indices=torch.tensor(slots[:80] + slots[80:100]), kv_indptr=torch.tensor([0, 80, 100]), sm_scale=0.3,
     )
@@ -206,13 +230,13 @@ def test_empty_parts_and_merges_never_nan(kernel):
     k_cache = torch.randn(10, 1, 8)
     v_cache = torch.randn(10, 1, 8)
     # A prefix segment with no keys, and a zero-row segment.
-    o, lse = attn.prefix_attention(
+    o, lse = prefix_attention(
         q, k_cache, v_cache, q_start=torch.tensor([0, 2]), q_len=torch.tensor([2, 0]),
         kv_indices=torch.tensor([], dtype=torch.int64), kv_indptr=torch.tensor([0, 0, 0]), sm_scale=1.0,
     )
     assert o.shape == (2, 2, 8) and (o == 0).all() and torch.isneginf(lse).all()
     # An own part with no keys at all.
-    o2, lse2 = attn.own_attention(
+    o2, lse2 = own_attention(
         q, k_cache, v_cache, q_indptr=torch.tensor([0, 3]), kv_indices=torch.tensor([], dtype=torch.int64),
         kv_indptr=torch.tensor([0, 0]), sm_scale=1.0,
     )
@@ -234,7 +258,7 @@ def test_merge_state_equals_attention_over_the_union():
     v_cache = torch.randn(30, 2, 8, dtype=torch.float64)
 
     def part(slots):
-        return attn.prefix_attention(
+        return prefix_attention(
             q, k_cache, v_cache, q_start=torch.tensor([0]), q_len=torch.tensor([4]),
             kv_indices=torch.tensor(slots), kv_indptr=torch.tensor([0, len(slots)]), sm_scale=0.5,
         )
@@ -253,13 +277,13 @@ def test_buckets_pad_similar_segments_together_and_split_outliers():
     q_indptr = np.arange(42)
     kv_len = np.r_[np.full(40, 50), 5000]
     kv_indptr = np.r_[0, np.cumsum(kv_len)]
-    plan = attention_plan.plan_own(
-        q_indptr=q_indptr, kv_indices=np.arange(kv_indptr[-1]), kv_indptr=kv_indptr, group=1,
+    layout = torch_buckets.layout_own(
+        q_indptr=q_indptr, kv_indices=np.arange(kv_indptr[-1]), kv_indptr=kv_indptr, gqa_ratio=1,
         device=torch.device("cpu"),
     )
-    assert len(plan.buckets) == 2 and not plan.is_direct
-    uniform = attention_plan.plan_own(
-        q_indptr=np.arange(5), kv_indices=np.arange(40), kv_indptr=np.arange(0, 41, 10), group=1,
+    assert len(layout.buckets) == 2 and not layout.is_direct
+    uniform = torch_buckets.layout_own(
+        q_indptr=np.arange(5), kv_indices=np.arange(40), kv_indptr=np.arange(0, 41, 10), gqa_ratio=1,
         device=torch.device("cpu"),
     )
     assert len(uniform.buckets) == 1 and uniform.is_direct and uniform.buckets[0].mask is None

@@ -340,7 +340,7 @@ def test_run_summary_and_metrics(checkpoints):
 
 
 def test_triton_backend_matches_transformers(tmp_path):
-    """The CUDA path's wiring (TritonBackend: each step's plans made once on the host, the kernels called per
+    """The CUDA path's wiring (TritonBackend: each step's layouts made once on the host, the kernels called per
     layer, states merged) gives transformers' tokens; on a machine without CUDA the kernels run in Triton's
     interpreter (tests/conftest.py), on a GPU they are compiled."""
     from batchrun.attention import TritonBackend

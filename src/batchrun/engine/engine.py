@@ -1,13 +1,15 @@
-"""The step loop: schedule → build the step's batch and attention metadata → model forward with cascade
-attention → sample → hand finished requests to the writer and free their KV.
+"""The step loop: schedule → build the step's batch → model forward with cascade attention → sample → hand
+finished requests to the writer and free their KV.
 
-The only engine module that touches the device; the scheduler decides, the batch builder prepares on the host.
+The scheduler decides, the batch builder prepares on the host, the model runner runs the step on the device,
+the finish rules say which requests end; this module wires them and keeps the run's counts.
 """
 
 from __future__ import annotations
 
+import functools
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -15,12 +17,15 @@ import torch
 
 from batchrun import defaults
 from batchrun.attention import AttentionBackend, select_backend
-from batchrun.engine.batch import BatchBuilder, StepBatch
+from batchrun.engine.batch import BatchBuilder
+from batchrun.engine.finish import FinishRules
 from batchrun.engine.kv_cache import KVCache
-from batchrun.engine.sampler import Sampler, StopChecker
+from batchrun.engine.model_runner import ModelRunner, nan_rows
+from batchrun.engine.request_state import RequestState
+from batchrun.engine.sampler import Sampler
 from batchrun.engine.scheduler import Scheduler, SchedulerConfig, Step
 from batchrun.model.llama import LlamaModel
-from batchrun.output import Completion
+from batchrun.output import Completion, FinishReason
 from batchrun.planner import segment_len, shared_len
 from batchrun.requests import Request
 from batchrun.tokens import TokenTable
@@ -112,31 +117,35 @@ class Engine:
             return _Run(self, writer, metrics, skip_ids).loop()
 
 
+@dataclass
+class _Counts:
+    """What a run has done so far: RunSummary's counts, with the peak KV in slots."""
+
+    num_completed: int = 0
+    num_failed: int = 0
+    num_steps: int = 0
+    prompt_tokens: int = 0
+    computed_prompt_tokens: int = 0
+    output_tokens: int = 0
+    peak_kv_tokens: int = 0
+
+
 class _Run:
-    """The state of one `Engine.run`: per-request arrays indexed by request id (plan row)."""
+    """One `Engine.run`: the scheduler, the KV pool, the model runner, the sampler, the finish rules and the
+    per-request state, driven step by step."""
 
     def __init__(self, engine: Engine, writer: Writer, metrics: Metrics | None, skip_ids: set[str] | frozenset[str]
                  ) -> None:
         self.engine, self.writer, self.metrics = engine, writer, metrics
         plan, cfg = engine.plan, engine.config
         self.requests = plan.requests
-        num_requests = len(self.requests)
-        self.min_tokens = np.array([r.sampling.min_tokens for r in self.requests], np.int64)
-        self.num_generated = np.zeros(num_requests, np.int64)
-        self.last_token = np.zeros(num_requests, np.int64)
-        self.output_ids: list[list[int]] = [[] for _ in range(num_requests)]
-        self.request_slots: list[np.ndarray | None] = [None] * num_requests
-        self.node_slots: list[np.ndarray | None] = [None] * len(plan.layout.node_len)
-        self.num_completed = self.num_failed = self.num_steps = 0
-        self.prompt_tokens = self.computed_prompt_tokens = self.output_tokens = 0
-        self.peak_kv_tokens = 0
+        self.state = RequestState(num_requests=len(self.requests), num_nodes=len(plan.layout.node_len))
+        self.counts = _Counts()
         is_skipped = np.array([r.id in skip_ids for r in self.requests], bool)
-        # The plan was checked against the context when made; a plan run with another model may not fit.
-        is_too_long = ~is_skipped & (engine.prompt_len + engine.max_tokens > cfg.max_position_embeddings)
-        for r in np.flatnonzero(is_too_long).tolist():
-            self._fail(r, "context_length_exceeded", f"{engine.prompt_len[r]} prompt tokens plus max_tokens "
-                       f"{engine.max_tokens[r]} exceed the model's context of {cfg.max_position_embeddings}")
-        is_skipped |= is_too_long
+        too_long = _context_errors(engine, is_skipped)
+        for r, message in too_long.items():
+            self._fail(r, "context_length_exceeded", message)
+        is_skipped[list(too_long)] = True
         layout = plan.layout
         self.scheduler = Scheduler(
             node_parent=layout.node_parent,
@@ -157,18 +166,18 @@ class _Run:
             device=engine.model.device,
         )
         assert self.kv.bytes_per_token == cfg.kv_bytes_per_token, "the KV pool and the plan count bytes alike"
+        self.runner = ModelRunner(engine.model, engine.backend, self.kv)
         self.sampler = Sampler(
             [r.sampling for r in self.requests],
             eos_token_ids=engine.eos_token_ids,
             seed=engine.seed,
             device=engine.model.device,
         )
-        eos = frozenset(engine.eos_token_ids)
-        self.stop_checkers = {
-            r: StopChecker(req.sampling, eos_token_ids=eos) for r, req in enumerate(self.requests) if req.sampling.stop
-        }
-        self.has_stop = np.array([bool(r.sampling.stop) for r in self.requests], bool)
-        self.eos = np.array(sorted(eos), np.int64)
+        self.finish = FinishRules(
+            [r.sampling for r in self.requests],
+            eos_token_ids=engine.eos_token_ids,
+            decode=functools.partial(engine.tokenizer.decode, skip_special_tokens=True),
+        )
 
     def _num_slots(self, is_skipped: np.ndarray) -> int:
         """The budget in tokens, capped at what the plan could ever hold at once (a small job on a large
@@ -183,7 +192,7 @@ class _Run:
     def loop(self) -> RunSummary:
         start = t0 = time.perf_counter()
         while (step := self.scheduler.schedule()) is not None:
-            self._apply_admission(step)
+            self._admit(step)
             if len(step.decode) or step.chunks:
                 self._step(step)
             t1 = time.perf_counter()
@@ -197,17 +206,54 @@ class _Run:
                 )
             t0 = t1
         assert self.kv.allocator.num_used == 0, "KV slots leaked"
-        wall = time.perf_counter() - start
-        summary = RunSummary(
-            num_completed=self.num_completed,
-            num_failed=self.num_failed,
-            num_steps=self.num_steps,
-            prompt_tokens=self.prompt_tokens,
-            computed_prompt_tokens=self.computed_prompt_tokens,
-            output_tokens=self.output_tokens,
-            peak_kv_bytes=self.peak_kv_tokens * self.kv.bytes_per_token,
-            wall_seconds=wall,
+        return self._close(time.perf_counter() - start)
+
+    def _admit(self, step: Step) -> None:
+        alloc, state = self.kv.allocator, self.state
+        for n in step.freed_nodes:
+            alloc.free(state.release_node(n))
+        for r in step.rejected:
+            self._fail(r, "kv_budget_exceeded", f"the request needs more KV memory than the budget of "
+                       f"{self.engine.kv_budget_bytes} bytes holds (raise --kv-budget)")
+        for n in step.admitted_nodes:
+            state.hold_node(n, alloc.alloc(self.scheduler.node_tokens(n)))
+        for r in step.admitted:
+            state.hold_request(r, alloc.alloc(self.scheduler.request_tokens(r)))
+            self.counts.prompt_tokens += int(self.engine.prompt_len[r])
+        self.counts.peak_kv_tokens = max(self.counts.peak_kv_tokens, self.scheduler.num_reserved)
+
+    def _step(self, step: Step) -> None:
+        state, counts = self.state, self.counts
+        batch = self.engine.builder.build(
+            step,
+            prompt_len=self.engine.prompt_len,
+            num_generated=state.num_generated,
+            last_token=state.last_token,
+            request_slots=state.request_slots,
+            node_slots=state.node_slots,
         )
+        counts.num_steps += 1
+        counts.computed_prompt_tokens += batch.num_prefill
+        logits = self.runner.forward(batch)  # [M, V]
+        requests = batch.logit_requests
+        if len(requests) == 0:
+            return
+        is_nan = nan_rows(logits)
+        tokens = self.sampler.sample(logits, requests, state.num_generated[requests])
+        state.append(requests, tokens)
+        counts.output_tokens += len(requests)
+        finishes = self.finish.check(
+            requests, tokens, num_generated=state.num_generated[requests], output_ids=state.output_ids, is_nan=is_nan
+        )
+        for r in finishes.nan_requests:
+            self._fail(r, "nan_logits", "the model produced NaN logits for this request")
+        for r, reason in finishes.finished:
+            self._complete(r, reason)
+
+    def _close(self, wall: float) -> RunSummary:
+        counts = asdict(self.counts)
+        peak_kv_bytes = counts.pop("peak_kv_tokens") * self.kv.bytes_per_token
+        summary = RunSummary(**counts, peak_kv_bytes=peak_kv_bytes, wall_seconds=wall)
         if self.metrics is not None:
             self.metrics.close(
                 wall_seconds=wall,
@@ -218,132 +264,37 @@ class _Run:
             )
         return summary
 
-    def _apply_admission(self, step: Step) -> None:
-        alloc = self.kv.allocator
-        for n in step.freed_nodes:
-            alloc.free(self._take_node_slots(n))
-        for r in step.rejected:
-            self._fail(r, "kv_budget_exceeded", f"the request needs more KV memory than the budget of "
-                       f"{self.engine.kv_budget_bytes} bytes holds (raise --kv-budget)")
-        for n in step.admitted_nodes:
-            self.node_slots[n] = alloc.alloc(self.scheduler.node_tokens(n))
-        for r in step.admitted:
-            self.request_slots[r] = alloc.alloc(self.scheduler.request_tokens(r))
-            self.prompt_tokens += int(self.engine.prompt_len[r])
-        self.peak_kv_tokens = max(self.peak_kv_tokens, self.scheduler.num_reserved)
-
-    def _step(self, step: Step) -> None:
-        batch = self.engine.builder.build(
-            step,
-            prompt_len=self.engine.prompt_len,
-            num_generated=self.num_generated,
-            last_token=self.last_token,
-            request_slots=self.request_slots,
-            node_slots=self.node_slots,
-        )
-        self.num_steps += 1
-        self.computed_prompt_tokens += batch.num_prefill
-        logits = self._forward(batch)  # [M, V]
-        requests = batch.logit_requests
-        if len(requests) == 0:
-            return
-        is_bad = torch.isnan(logits).any(dim=-1).cpu().numpy()
-        tokens = self.sampler.sample(logits, requests, self.num_generated[requests])
-        self._append(requests, tokens, is_bad)
-
-    def _forward(self, batch: StepBatch) -> torch.Tensor:
-        """Runs the model over the step's rows and returns float32 logits [M, V] of the sampled rows."""
-        engine, device = self.engine, self.engine.model.device
-        backend, kv, sm_scale = engine.backend, self.kv, engine.model.sm_scale
-        group = self.engine.config.num_heads // self.engine.config.num_kv_heads
-        own_plan = backend.plan_own(
-            q_indptr=batch.q_indptr, kv_indices=batch.kv_indices, kv_indptr=batch.kv_indptr, group=group
-        )
-        prefix_plans = [
-            (
-                backend.plan_prefix(
-                    q_start=p.q_start, q_len=p.q_len, kv_indices=p.kv_indices, kv_indptr=p.kv_indptr, group=group
-                ),
-                p.rows if isinstance(p.rows, slice) else _device(p.rows, device),
-            )
-            for p in batch.prefix
-        ]
-        slots = _device(batch.slots, device)
-
-        def attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            # q [N, Hq, D], k/v [N, Hkv, D] (post-RoPE) → o [N, Hq, D]
-            kv.write(layer, slots, k, v)
-            k_cache, v_cache = kv.layer(layer)
-            o, lse = backend.own(own_plan, q, k_cache, v_cache, sm_scale=sm_scale)
-            for plan, rows in prefix_plans:
-                o_p, lse_p = backend.prefix(plan, q, k_cache, v_cache, sm_scale=sm_scale)
-                backend.merge_state_into(o, lse, o_p, lse_p, rows=rows)
-            return o
-
-        hidden = engine.model.forward(_device(batch.input_ids, device), _device(batch.positions, device), attention)
-        return engine.model.compute_logits(hidden.index_select(0, _device(batch.logit_rows, device)))
-
     # -- finishing -----------------------------------------------------------------------------------------
 
-    def _append(self, requests: np.ndarray, tokens: np.ndarray, is_bad: np.ndarray) -> None:
-        self.num_generated[requests] += 1
-        self.last_token[requests] = tokens
-        self.output_tokens += len(requests)
-        for r, t in zip(requests.tolist(), tokens.tolist(), strict=True):
-            self.output_ids[r].append(t)
-        # The finish rules, vectorised; only finishing rows and rows with stop strings reach Python.
-        num = self.num_generated[requests]
-        is_eos = np.isin(tokens, self.eos) & (num >= self.min_tokens[requests])
-        is_length = num >= self.engine.max_tokens[requests]
-        for i in np.flatnonzero(is_bad).tolist():
-            self._fail(int(requests[i]), "nan_logits", "the model produced NaN logits for this request")
-        has_stop = self.has_stop[requests] & ~is_bad
-        for i in np.flatnonzero(has_stop).tolist():
-            r = int(requests[i])
-            reason = self.stop_checkers[r].check(self.output_ids[r], self._decode)
-            if reason is not None:
-                self._complete(r, reason)
-        for i in np.flatnonzero((is_eos | is_length) & ~has_stop & ~is_bad).tolist():
-            self._complete(int(requests[i]), "stop" if is_eos[i] else "length")
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.engine.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def _complete(self, r: int, reason: str) -> None:
-        ids = self.output_ids[r]
-        text = self._decode(ids)
-        checker = self.stop_checkers.get(r)
-        if checker is not None:
-            text = checker.final_text(text)
-        completion = Completion(token_ids=list(ids), text=text, finish_reason=reason,  # type: ignore[arg-type]
+    def _complete(self, r: int, reason: FinishReason) -> None:
+        ids = self.state.output_ids[r]
+        completion = Completion(token_ids=list(ids), text=self.finish.text(r, ids), finish_reason=reason,
                                 prompt_tokens=int(self.engine.prompt_len[r]))
         self.writer.write_completion(self.requests[r], completion)
-        self.num_completed += 1
+        self.counts.num_completed += 1
         self._release(r)
 
     def _fail(self, r: int, code: str, message: str) -> None:
         self.writer.write_error(self.requests[r], code=code, message=message)
-        self.num_failed += 1
-        if self.request_slots[r] is not None:  # admitted: free what it holds
+        self.counts.num_failed += 1
+        if self.state.is_admitted(r):  # free what it holds
             self._release(r)
 
     def _release(self, r: int) -> None:
         alloc = self.kv.allocator
-        slots = self.request_slots[r]
-        assert slots is not None
-        alloc.free(slots)
-        self.request_slots[r] = None
+        alloc.free(self.state.release_request(r))
         for n in self.scheduler.finish(r):
-            alloc.free(self._take_node_slots(n))
+            alloc.free(self.state.release_node(n))
         self.sampler.release(r)
-        self.output_ids[r] = []
-
-    def _take_node_slots(self, n: int) -> np.ndarray:
-        slots = self.node_slots[n]
-        assert slots is not None, f"node {n} freed twice"
-        self.node_slots[n] = None
-        return slots
 
 
-def _device(a: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(a).to(device, non_blocking=True)
+def _context_errors(engine: Engine, is_skipped: np.ndarray) -> dict[int, str]:
+    """The requests to run whose prompt plus max_tokens exceed the model's context, with their error messages.
+    The plan was checked against the context when made; a plan run with another model may not fit."""
+    context = engine.config.max_position_embeddings
+    is_too_long = ~is_skipped & (engine.prompt_len + engine.max_tokens > context)
+    return {
+        r: f"{engine.prompt_len[r]} prompt tokens plus max_tokens {engine.max_tokens[r]} exceed the model's "
+        f"context of {context}"
+        for r in np.flatnonzero(is_too_long).tolist()
+    }

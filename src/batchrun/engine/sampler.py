@@ -1,20 +1,17 @@
-"""Next tokens from logits (greedy, temperature, top-k, top-p, per-request seeds, min_tokens) and the finish
-rules (EOS, stop strings, max_tokens), with vLLM's semantics.
+"""Next tokens from logits (greedy, temperature, top-k, top-p, per-request seeds, min_tokens), with vLLM's
+semantics (the finish rules are in finish.py).
 
 A seeded request draws from its own torch.Generator, row by row, so its tokens do not depend on the batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Literal
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from batchrun.requests import SamplingParams
-
-FinishReason = Literal["stop", "length"]
 
 
 class Sampler:
@@ -108,54 +105,3 @@ class Sampler:
             g = torch.Generator(device=self.device).manual_seed(int(self.seed[request]))
             self._generators[request] = g
         return g
-
-
-class StopChecker:
-    """The finish rules for one request's output so far, in vLLM's order: EOS, stop strings, max_tokens.
-
-    The output text is decoded incrementally, as vLLM does: each check decodes only the tokens since the last
-    stable point, so a long output costs linear, not quadratic, decoding. Stop strings are searched only in
-    the part a new token can have completed; the output text is cut before the earliest stop string.
-    """
-
-    def __init__(self, params: SamplingParams, *, eos_token_ids: frozenset[int]) -> None:
-        self.params = params
-        self.eos_token_ids = eos_token_ids
-        self.max_stop_len = max((len(s) for s in params.stop), default=0)
-        self.text = ""  # the output decoded so far
-        self._prefix_offset = 0  # tokens from here are decoded again, to see how the next ones join them
-        self._read_offset = 0  # tokens before here are in self.text
-        self.stop_at: int | None = None  # where the text is cut, once a stop string is found
-
-    def check(self, token_ids: list[int], decode: Callable[[list[int]], str]) -> FinishReason | None:
-        """After a token was appended to `token_ids`: why the request finishes now, or None."""
-        num = len(token_ids)
-        is_eligible = num >= self.params.min_tokens  # before min_tokens nothing stops it (as vLLM)
-        if is_eligible and token_ids[-1] in self.eos_token_ids:
-            return "stop"
-        if self.max_stop_len:
-            # A new stop string ends in the new text, so it starts at most max_stop_len - 1 before it.
-            start = max(len(self.text) - self.max_stop_len + 1, 0)
-            self._extend_text(token_ids, decode)
-            if is_eligible:
-                found = [i for s in self.params.stop if (i := self.text.find(s, start)) >= 0]
-                if found:
-                    self.stop_at = min(found)
-                    return "stop"
-        if num >= self.params.max_tokens:
-            return "length"
-        return None
-
-    def _extend_text(self, token_ids: list[int], decode: Callable[[list[int]], str]) -> None:
-        # A token's text can depend on its neighbours (a character split over byte tokens, a leading space a
-        # tokenizer drops at the start of a decode), so the window from the last stable point is decoded and
-        # only what the new tokens add is kept; an unfinished character waits for the next token.
-        prefix_text = decode(token_ids[self._prefix_offset : self._read_offset])
-        new_text = decode(token_ids[self._prefix_offset :])
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            self.text += new_text[len(prefix_text) :]
-            self._prefix_offset, self._read_offset = self._read_offset, len(token_ids)
-
-    def final_text(self, text: str) -> str:
-        """The completion's text: `text` (the whole output decoded), or the checked text cut at a stop string."""
-        return text if self.stop_at is None else self.text[: self.stop_at]

@@ -1,5 +1,5 @@
-"""The torch backend's plan: a step's ragged attention metadata padded into buckets of like-sized segments,
-computed once on the host (numpy) per step and reused by every layer (attention_run.run_plan executes it).
+"""The torch backend's layout: a step's ragged attention metadata padded into buckets of like-sized segments,
+computed once on the host (numpy) per step and reused by every layer (torch_backend.run_layout executes it).
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ class Bucket:
 
 
 @dataclass(frozen=True)
-class TorchAttentionPlan:
-    """One attention part of one step, planned once on the host and reused by every layer."""
+class TorchPartLayout:
+    """One attention part of one step, laid out once on the host and reused by every layer."""
 
     num_rows: int  # output rows
     buckets: tuple[Bucket, ...]
@@ -50,22 +50,22 @@ class TorchAttentionPlan:
     is_covered: bool  # every output row comes from a bucket (none keeps the empty state)
 
 
-def plan_prefix(
+def layout_prefix(
     *,
     q_start: np.ndarray,
     q_len: np.ndarray,
     kv_indices: np.ndarray,
     kv_indptr: np.ndarray,
-    group: int,
+    gqa_ratio: int,
     device: torch.device,
     dtype: torch.dtype = torch.float32,
-) -> TorchAttentionPlan:
-    """Plans `prefix_attention` (non-causal); output rows are the segments' rows in segment order.
-    `group` is the number of query heads per KV head; `dtype` the compute dtype of the masks."""
+) -> TorchPartLayout:
+    """Lays out a prefix part (non-causal); output rows are the segments' rows in segment order.
+    `gqa_ratio` is the number of query heads per KV head; `dtype` the compute dtype of the masks."""
     q_start, q_len = np.asarray(q_start, np.int64), np.asarray(q_len, np.int64)
     out_start = np.zeros_like(q_len)
     np.cumsum(q_len[:-1], out=out_start[1:])
-    return _plan(
+    return _layout(
         q_start=q_start,
         q_len=q_len,
         out_start=out_start,
@@ -73,25 +73,25 @@ def plan_prefix(
         kv_indices=np.asarray(kv_indices, np.int64),
         kv_indptr=np.asarray(kv_indptr, np.int64),
         is_causal=False,
-        group=group,
+        gqa_ratio=gqa_ratio,
         device=device,
         dtype=dtype,
     )
 
 
-def plan_own(
+def layout_own(
     *,
     q_indptr: np.ndarray,
     kv_indices: np.ndarray,
     kv_indptr: np.ndarray,
-    group: int,
+    gqa_ratio: int,
     device: torch.device,
     dtype: torch.dtype = torch.float32,
-) -> TorchAttentionPlan:
-    """Plans `own_attention` (causal, aligned to the end of each sequence's KV); rows stay in place."""
+) -> TorchPartLayout:
+    """Lays out the own part (causal, aligned to the end of each sequence's KV); rows stay in place."""
     q_indptr = np.asarray(q_indptr, np.int64)
     q_start, q_len = q_indptr[:-1], np.diff(q_indptr)
-    return _plan(
+    return _layout(
         q_start=q_start,
         q_len=q_len,
         out_start=q_start,
@@ -99,13 +99,13 @@ def plan_own(
         kv_indices=np.asarray(kv_indices, np.int64),
         kv_indptr=np.asarray(kv_indptr, np.int64),
         is_causal=True,
-        group=group,
+        gqa_ratio=gqa_ratio,
         device=device,
         dtype=dtype,
     )
 
 
-def _plan(
+def _layout(
     *,
     q_start: np.ndarray,
     q_len: np.ndarray,
@@ -114,10 +114,10 @@ def _plan(
     kv_indices: np.ndarray,
     kv_indptr: np.ndarray,
     is_causal: bool,
-    group: int,
+    gqa_ratio: int,
     device: torch.device,
     dtype: torch.dtype,
-) -> TorchAttentionPlan:
+) -> TorchPartLayout:
     kv_start, kv_len = kv_indptr[:-1], np.diff(kv_indptr)
     assert len(q_start) == len(q_len) == len(kv_len), "one KV range per query segment"
     if is_causal:
@@ -130,18 +130,18 @@ def _plan(
     breaks = np.r_[0, np.cumsum(np.diff(kv_indices) != 1)] if len(kv_indices) else np.zeros(1, np.int64)
     is_run = breaks[np.maximum(kv_start + kv_len - 1, 0)] == breaks[np.minimum(kv_start, len(breaks) - 1)]
     is_alone = is_run & (kv_len >= VIEW_MIN_KV_LEN)
-    groups = [np.array([i]) for i in seg[is_alone[seg]]] + _group_segments(seg[~is_alone[seg]], q_len, kv_len)
+    members = [np.array([i]) for i in seg[is_alone[seg]]] + _bucket_segments(seg[~is_alone[seg]], q_len, kv_len)
     made = [
         _make_bucket(
             q_start[b], q_len[b], out_start[b], kv_start[b], kv_len[b], kv_indices,
-            is_causal=is_causal, group=group, device=device, dtype=dtype,
+            is_causal=is_causal, gqa_ratio=gqa_ratio, device=device, dtype=dtype,
         )
-        for b in groups
+        for b in members
     ]
     # Direct: the only bucket has no padded row and its rows are the output's rows in order.
     is_direct = len(made) == 1 and made[0][1] is None and np.array_equal(made[0][2], np.arange(num_rows))
     is_covered = sum(len(b[2]) for b in made) == num_rows
-    return TorchAttentionPlan(
+    return TorchPartLayout(
         num_rows=num_rows, buckets=tuple(b[0] for b in made), is_direct=is_direct, is_covered=is_covered
     )
 
@@ -162,7 +162,7 @@ def _split_causal(
     return q_start[seg] + row0, block_len, out_start[seg] + row0, kv_start[seg], block_kv_len
 
 
-def _group_segments(seg: np.ndarray, q_len: np.ndarray, kv_len: np.ndarray) -> list[np.ndarray]:
+def _bucket_segments(seg: np.ndarray, q_len: np.ndarray, kv_len: np.ndarray) -> list[np.ndarray]:
     """Greedy buckets over segments sorted by size, closing a bucket when padding would waste too much
     (padded score elements, or padded KV rows, which are gathered)."""
     if len(seg) == 0:
@@ -195,7 +195,7 @@ def _make_bucket(
     kv_indices: np.ndarray,
     *,
     is_causal: bool,
-    group: int,
+    gqa_ratio: int,
     device: torch.device,
     dtype: torch.dtype,
 ) -> tuple[Bucket, np.ndarray | None, np.ndarray]:
@@ -210,8 +210,8 @@ def _make_bucket(
         sees = sees & (kj[None, None, :] <= (kv_len - q_len)[:, None, None] + qi[None, :, None])  # [n, Qmax, Kmax]
     mask = None
     if not sees.all():
-        # Query rows are stacked as (row, head in group): a row's mask repeats for its group of heads.
-        rows = np.repeat(sees, group, axis=1) if sees.shape[1] > 1 else sees
+        # Query rows are stacked as (row, query head of the KV head): a row's mask repeats for its gqa_ratio heads.
+        rows = np.repeat(sees, gqa_ratio, axis=1) if sees.shape[1] > 1 else sees
         mask = torch.from_numpy(np.where(rows, 0.0, -np.inf)[:, None]).to(device=device, dtype=dtype)
     src_idx = None if q_valid.all() else np.flatnonzero(q_valid)
     out_idx = (out_start[:, None] + qi[None, :])[q_valid]

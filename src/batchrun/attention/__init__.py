@@ -1,0 +1,28 @@
+"""Cascade attention: the prefix parts, the own part and the LSE merge, over a KV slot pool.
+
+`base` holds the interface, the attention state and its merge; `torch_backend` (with `torch_buckets`) and
+`triton_backend` implement it; `select_backend` picks one for a device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from batchrun.attention.base import AttentionBackend, AttentionState, merge_state, merge_state_into
+from batchrun.attention.torch_backend import TorchBackend
+from batchrun.attention.triton_backend import TritonBackend
+
+__all__ = [
+    "AttentionBackend", "AttentionState", "TorchBackend", "TritonBackend", "merge_state", "merge_state_into",
+    "select_backend",
+]
+
+
+def select_backend(device: torch.device) -> AttentionBackend:
+    """The torch backend on CPU; the Triton kernels (batchrun.kernels) on CUDA when they import, else torch."""
+    if device.type == "cuda":
+        try:
+            return TritonBackend(device)
+        except ImportError:  # no triton for this platform: the torch path runs on CUDA too
+            return TorchBackend(device)
+    return TorchBackend(device)
