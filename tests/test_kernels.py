@@ -16,7 +16,8 @@ if not INTERPRET and not torch.cuda.is_available():
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
 from batchrun.kernels import merge_state, merge_state_into, own_attention, prefix_attention  # noqa: E402
-from batchrun.kernels.cascade import LaunchConfig, run_own_attention, run_prefix_attention  # noqa: E402
+from batchrun.kernels.configs import LaunchConfig  # noqa: E402
+from batchrun.kernels.parts import run_own_attention, run_prefix_attention  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 3e-2}
 NUM_KV_HEADS = 2
