@@ -9,7 +9,7 @@ import triton.language as tl
 
 from .merge import merge_pair
 
-_LN2 = 0.6931471805599453
+_LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit

@@ -53,14 +53,16 @@ def tile_config(
     elements (sm_80: 163 KB per block, sm_90: 227 KB)."""
     assert head_dim in HEAD_DIMS and dtype in DTYPES, f"no tile config for D={head_dim}, {dtype}"
     is_fp32 = dtype == torch.float32
+    if is_fp32:
+        # fp32 dots (ieee: FMA units, no tensor cores) hold q and k in registers at twice the bytes: 8 warps
+        # and 32-key blocks keep them spill-free. sm_90 lays those dots out less densely: at D > 64 only
+        # 16-row tiles fit (32 rows spill 264 bytes). fp32 is the exactness path; bf16 is the fast one.
+        block_m = 16 if not is_large or (capability >= 90 and head_dim > 64) else 32
+        return TileConfig(max(block_m, small_block_m(group)), 32, 8, 2)
     if not is_large:
         # Decode: a few live rows, so a wide key block keeps more bytes in flight per program; 4 warps hold
         # the [16, 128] accumulator in 16 registers a thread.
-        return TileConfig(small_block_m(group), 32 if is_fp32 else 64, 4, 2)
-    if is_fp32:
-        # No tensor cores (ieee fp32 dots run on FMA units) and twice the bytes a tile: 64 x 32 tiles keep q,
-        # the accumulator and the scores at about 100 registers a thread with 4 warps.
-        return TileConfig(max(64, small_block_m(group)), 32, 4, 2)
+        return TileConfig(small_block_m(group), 64, 4, 2)
     # fp16/bf16: 128-row tiles halve the re-reads of a long prefix against 64-row ones; 8 warps keep the
     # [128, 128] fp32 accumulator at 64 registers a thread. K + V blocks of 64 keys take 32 KB a stage at
     # D = 128: sm_90's larger shared memory pays for a third stage at D <= 64 where the loop is shortest.
@@ -69,6 +71,8 @@ def tile_config(
 
 
 def apply_override(tile: TileConfig, config: LaunchConfig) -> TileConfig:
+    if config.block_m is None and config.block_n is None:
+        return tile
     block_m = config.block_m or tile.block_m
     block_n = config.block_n or tile.block_n
     return TileConfig(block_m, block_n, 4 if block_m * block_n <= 64 * 64 else 8, tile.num_stages)

@@ -9,6 +9,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -71,14 +72,16 @@ def _to_device(device: torch.device, arrays: Sequence[np.ndarray]) -> list[torch
 
 def plan_parts(
     parts: Sequence[Part], *, num_rows: int, num_heads: int, num_kv_heads: int, head_dim: int,
-    dtype: torch.dtype, device: torch.device, config: LaunchConfig | None = None,
+    dtype: torch.dtype, device: torch.device, config: LaunchConfig | None = None, capability: int | None = None,
 ) -> StepPlan:
-    """The plan of any attention parts writing output rows [0, num_rows) (`plan_step` for the engine)."""
+    """The plan of any attention parts writing output rows [0, num_rows) (`plan_step` for the engine).
+    capability: the GPU generation (80, 90) to pick tiles for; None: the device's (aot.py plans on the CPU)."""
     assert head_dim in HEAD_DIMS and dtype in DTYPES, f"head size {head_dim} / {dtype}: not {HEAD_DIMS} / {DTYPES}"
     assert num_heads % num_kv_heads == 0, f"GQA ratio {num_heads} / {num_kv_heads} is not whole"
     config = config or LaunchConfig()
     group = num_heads // num_kv_heads
-    capability, num_programs = _device_info(torch.device(device))
+    device_capability, num_programs = _device_info(torch.device(device))
+    capability = capability or device_capability
     tiles = [apply_override(tile_config(head_dim=head_dim, dtype=dtype, group=group, capability=capability,
                                         is_large=is_large), config) for is_large in (False, True)]
     assert all(t.block_m >= group for t in tiles), f"block_m must hold a token's {group} heads"
@@ -86,6 +89,8 @@ def plan_parts(
     # Segments of a few rows (decode sequences) take small tiles; a segment with half a large tile of rows
     # or more reads its keys once per large tile.
     is_large = seg.q_len * group >= max(tiles[1].block_m // 2, small_block_m(group) + 1)
+    if tiles[0] == tiles[1]:  # one class, one launch
+        is_large[:] = False
     seg_tiles = [
         make_tiles(np.flatnonzero(is_large == want), seg.q_len, seg.kv_len, seg.table[:, 3].astype(np.int64),
                    t.block_m // group)
@@ -132,12 +137,19 @@ def check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) 
     assert q.device == k_cache.device == v_cache.device, "all tensors on one device"
 
 
-def attend(
+class Launch(NamedTuple):
+    """One kernel launch: its grid, arguments by name, constexprs and compile options."""
+
+    grid: tuple[int, int]
+    args: dict[str, object]
+    constexprs: dict[str, object]
+    options: dict[str, int]
+
+
+def launches(
     plan: StepPlan, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, sm_scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every part of `plan` for one layer. q: [N, Hq, D]; k_cache, v_cache: [num_slots, Hkv, D] (one dtype,
-    the plan's; the last dim contiguous). Returns o: float32 [num_rows, Hq, D] and lse: float32
-    [num_rows, Hq] (natural log), the parts merged; a row no part reaches is o = 0, lse = -inf."""
+) -> tuple[torch.Tensor, torch.Tensor, list[Launch]]:
+    """The output (o, lse) and the launches that fill it: what `attend` runs and aot.py compiles."""
     check_inputs(q, k_cache, v_cache)
     assert (q.shape[1], k_cache.shape[1], q.shape[2], q.dtype) == (
         plan.num_heads, plan.num_kv_heads, plan.head_dim, plan.dtype), "q or the pool differ from the plan"
@@ -148,16 +160,34 @@ def attend(
         o, lse = q.new_zeros(shape_o, dtype=torch.float32), q.new_full(shape_lse, -math.inf, dtype=torch.float32)
     # At least one row: an empty tensor would hand Triton a null pointer.
     num_partial_rows = max(plan.num_partial_rows, 1)
-    part_o = q.new_empty((num_partial_rows, *shape_o[1:]), dtype=torch.float32)
-    part_lse = q.new_empty((num_partial_rows, plan.num_heads), dtype=torch.float32)
-    for tile, items in zip(plan.tiles, plan.items, strict=True):
-        cascade_kernel[(items.shape[0], plan.num_kv_heads)](
-            q, k_cache, v_cache, o, lse, part_o, part_lse, plan.counters,
-            plan.kv_indices, plan.segments, items, plan.num_parts, plan.part_indptr, plan.part_rows,
-            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-            sm_scale * _LOG2E,
-            GROUP=plan.num_heads // plan.num_kv_heads, HEAD_DIM=plan.head_dim, BLOCK_M=tile.block_m,
-            BLOCK_N=tile.block_n, BLOCK_D=max(16, 1 << (plan.head_dim - 1).bit_length()), UPCAST=INTERPRET,
-            num_warps=tile.num_warps, num_stages=tile.num_stages,
+    args = dict(
+        q_ptr=q, k_ptr=k_cache, v_ptr=v_cache, o_ptr=o, lse_ptr=lse,
+        part_o_ptr=q.new_empty((num_partial_rows, *shape_o[1:]), dtype=torch.float32),
+        part_lse_ptr=q.new_empty((num_partial_rows, plan.num_heads), dtype=torch.float32),
+        counter_ptr=plan.counters, kv_indices_ptr=plan.kv_indices, seg_ptr=plan.segments,
+        num_parts_ptr=plan.num_parts, part_indptr_ptr=plan.part_indptr, part_rows_ptr=plan.part_rows,
+        stride_qn=q.stride(0), stride_qh=q.stride(1), stride_kn=k_cache.stride(0), stride_kh=k_cache.stride(1),
+        stride_vn=v_cache.stride(0), stride_vh=v_cache.stride(1), qk_scale=sm_scale * _LOG2E,
+    )
+    block_d = max(16, 1 << (plan.head_dim - 1).bit_length())
+    return o, lse, [
+        Launch(
+            (items.shape[0], plan.num_kv_heads), {**args, "item_ptr": items},
+            dict(GROUP=plan.num_heads // plan.num_kv_heads, HEAD_DIM=plan.head_dim, BLOCK_M=tile.block_m,
+                 BLOCK_N=tile.block_n, BLOCK_D=block_d, UPCAST=INTERPRET),
+            dict(num_warps=tile.num_warps, num_stages=tile.num_stages),
         )
+        for tile, items in zip(plan.tiles, plan.items, strict=True)
+    ]
+
+
+def attend(
+    plan: StepPlan, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, sm_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every part of `plan` for one layer. q: [N, Hq, D]; k_cache, v_cache: [num_slots, Hkv, D] (one dtype,
+    the plan's; the last dim contiguous). Returns o: float32 [num_rows, Hq, D] and lse: float32
+    [num_rows, Hq] (natural log), the parts merged; a row no part reaches is o = 0, lse = -inf."""
+    o, lse, todo = launches(plan, q, k_cache, v_cache, sm_scale=sm_scale)
+    for launch in todo:
+        cascade_kernel[launch.grid](**launch.args, **launch.constexprs, **launch.options)
     return o, lse

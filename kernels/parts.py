@@ -50,13 +50,15 @@ def _prefix(part: PrefixPart, out_start: np.ndarray | None = None) -> Part:
 def plan_step(
     *, num_rows: int, own: OwnPart | None, prefixes: Sequence[PrefixPart], num_heads: int, num_kv_heads: int,
     head_dim: int, dtype: torch.dtype, device: torch.device, config: LaunchConfig | None = None,
+    capability: int | None = None,
 ) -> StepPlan:
     """The step's plan, made once on the host (no device sync) and reused by every layer's `attend`: the own
     part and every prefix depth write q's rows [0, num_rows), and `attend` returns them merged. All index
-    arrays are host integer arrays; they reach the kernel as int32 (pools up to 2**31 slots)."""
+    arrays are host integer arrays; they reach the kernel as int32 (pools up to 2**31 slots). capability (80, 90)
+picks the tiles for that GPU generation instead of the device's."""
     parts = ([] if own is None else [_own(own)]) + [_prefix(p) for p in prefixes]
     return plan_parts(parts, num_rows=num_rows, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                      dtype=dtype, device=device, config=config)
+                      dtype=dtype, device=device, config=config, capability=capability)
 
 
 def _host(*tensors: torch.Tensor) -> list[np.ndarray]:
