@@ -34,14 +34,14 @@ class PrefixPart(NamedTuple):
     kv_indptr: np.ndarray
 
 
-def _own(part: OwnPart, out_start: np.ndarray | None = None) -> Part:
+def own_part(part: OwnPart, out_start: np.ndarray | None = None) -> Part:
     q_indptr = np.asarray(part.q_indptr, np.int64)
     q_start = q_indptr[:-1]
     return Part(q_start, np.diff(q_indptr), q_start if out_start is None else out_start, part.kv_indices,
                 part.kv_indptr, is_causal=True)
 
 
-def _prefix(part: PrefixPart, out_start: np.ndarray | None = None) -> Part:
+def prefix_part(part: PrefixPart, out_start: np.ndarray | None = None) -> Part:
     q_start = np.asarray(part.q_start, np.int64)
     return Part(q_start, part.q_len, q_start if out_start is None else out_start, part.kv_indices,
                 part.kv_indptr, is_causal=False)
@@ -56,7 +56,7 @@ def plan_step(
     part and every prefix depth write q's rows [0, num_rows), and `attend` returns them merged. All index
     arrays are host integer arrays; they reach the kernel as int32 (pools up to 2**31 slots). capability (80, 90)
 picks the tiles for that GPU generation instead of the device's."""
-    parts = ([] if own is None else [_own(own)]) + [_prefix(p) for p in prefixes]
+    parts = ([] if own is None else [own_part(own)]) + [prefix_part(p) for p in prefixes]
     return plan_parts(parts, num_rows=num_rows, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                       dtype=dtype, device=device, config=config, capability=capability)
 
@@ -88,7 +88,7 @@ def run_prefix_attention(
     assert len(part.q_start) == len(part.q_len) == len(part.kv_indptr) - 1, "q_start, q_len [G]; kv_indptr [G + 1]"
     q_len_host = np.asarray(part.q_len, np.int64)
     out_start = np.cumsum(q_len_host) - q_len_host  # rows in segment order
-    return _run(_prefix(part, out_start), q, k_cache, v_cache, num_rows=int(q_len_host.sum()), sm_scale=sm_scale,
+    return _run(prefix_part(part, out_start), q, k_cache, v_cache, num_rows=int(q_len_host.sum()), sm_scale=sm_scale,
                 config=config)
 
 
@@ -99,7 +99,7 @@ def run_own_attention(
     """`own_attention` with explicit tile sizes and split count (tests and benchmarks)."""
     part = OwnPart(*_host(q_indptr, kv_indices, kv_indptr))
     assert len(part.q_indptr) == len(part.kv_indptr) >= 1, "q_indptr and kv_indptr are both [S + 1]"
-    return _run(_own(part), q, k_cache, v_cache, num_rows=q.shape[0], sm_scale=sm_scale, config=config)
+    return _run(own_part(part), q, k_cache, v_cache, num_rows=q.shape[0], sm_scale=sm_scale, config=config)
 
 
 def prefix_attention(
