@@ -121,7 +121,8 @@ def main() -> int:
     args = parser.parse_args()
     assert os.environ.get("TRITON_INTERPRET", "0") != "1", "unset TRITON_INTERPRET: the interpreter compiles nothing"
     reports = compile_all()
-    print(f"triton {triton.__version__}\n| kernel | registers | spill bytes | shared bytes | error |\n|---|--:|--:|--:|---|")
+    print(f"triton {triton.__version__}\n| kernel | registers | spill bytes | shared bytes | error |")
+    print("| --- | --: | --: | --: | --- |")
     for r in reports:
         print(f"| {r.name} | {r.registers} | {r.spill_bytes} | {r.shared_bytes} | {r.error} |")
     if args.json:

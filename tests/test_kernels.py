@@ -17,7 +17,14 @@ if not INTERPRET and not torch.cuda.is_available():
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
 from batchrun.kernels import (  # noqa: E402
-    OwnPart, PrefixPart, attend, merge_state, merge_state_into, own_attention, plan_step, prefix_attention,
+    OwnPart,
+    PrefixPart,
+    attend,
+    merge_state,
+    merge_state_into,
+    own_attention,
+    plan_step,
+    prefix_attention,
 )
 from batchrun.kernels.configs import LaunchConfig  # noqa: E402
 from batchrun.kernels.parts import run_own_attention, run_prefix_attention  # noqa: E402
