@@ -80,6 +80,7 @@ def make_segments(parts: Sequence[Part]) -> Segments:
         indices.append(np.asarray(p.kv_indices, np.int64))
         kv_base += len(indices[-1])
     cat = np.concatenate
+    assert kv_base < 2**31 and all(i.max(initial=0) < 2**31 for i in indices), "slots and keys are int32"
     return Segments(cat(tables).astype(np.int32), cat(q_lens), cat(kv_lens), cat(indices).astype(np.int32))
 
 
