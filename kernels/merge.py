@@ -1,6 +1,6 @@
 """Merging attention states (o, lse) with the LSE in natural log: two states into one (`merge_state`), one
-state into selected rows of another in place (`merge_state_into`), and the split-KV partials of one launch
-(`merge_splits`). An empty state is o = 0, lse = -inf; merging two empty states gives 0 / -inf, never NaN."""
+state into selected rows of another in place (`merge_state_into`); `merge_pair` also folds the cascade kernel's
+partial states. An empty state is o = 0, lse = -inf; merging two empty states gives 0 / -inf, never NaN."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _merge_pair(o_a, s_a, o_b, s_b):
+def merge_pair(o_a, s_a, o_b, s_b):
     """Log-sum-exp merge of o_*: [BLOCK_H, BLOCK_D] with natural-log LSEs s_*: [BLOCK_H]; returns (o, s)."""
     m = tl.maximum(s_a, s_b)
     # Two empty states have m = -inf; subtracting it would give exp(-inf + inf) = NaN.
@@ -45,39 +45,10 @@ def _merge_state_kernel(
     o_b = tl.load(b_ptr + i * row_len + tile, mask=mask, other=0.0)
     s_a = tl.load(sa_ptr + r * num_heads + offs_h, mask=h_mask, other=float("-inf"))
     s_b = tl.load(sb_ptr + i * num_heads + offs_h, mask=h_mask, other=float("-inf"))
-    o, s = _merge_pair(o_a, s_a, o_b, s_b)
+    o, s = merge_pair(o_a, s_a, o_b, s_b)
     # In place (o is a) is safe: this program alone reads and writes row r, as the rows are unique.
     tl.store(o_ptr + r * row_len + tile, o, mask=mask)
     tl.store(lse_ptr + r * num_heads + offs_h, s, mask=h_mask)
-
-
-@triton.jit
-def _merge_splits_kernel(
-    o_ptr, lse_ptr, parts_ptr, parts_lse_ptr,
-    num_splits, num_heads, head_dim, stride_ps, stride_pls,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """One program per row: folds the num_splits partial states of that row into one."""
-    i = tl.program_id(0).to(tl.int64)
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_D)
-    h_mask = offs_h < num_heads
-    mask = h_mask[:, None] & (offs_d[None, :] < head_dim)
-    tile = i * num_heads * head_dim + offs_h[:, None] * head_dim + offs_d[None, :]
-    lse_offs = i * num_heads + offs_h
-    o = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)
-    s = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
-    part_ptrs = parts_ptr + tile
-    part_lse_ptrs = parts_lse_ptr + lse_offs
-    for _ in range(num_splits):
-        o_p = tl.load(part_ptrs, mask=mask, other=0.0)
-        s_p = tl.load(part_lse_ptrs, mask=h_mask, other=float("-inf"))
-        o, s = _merge_pair(o, s, o_p, s_p)
-        # Advance the pointers rather than multiply split * stride: that product can overflow int32.
-        part_ptrs += stride_ps
-        part_lse_ptrs += stride_pls
-    tl.store(o_ptr + tile, o, mask=mask)
-    tl.store(lse_ptr + lse_offs, s, mask=h_mask)
 
 
 def _check_state(v: torch.Tensor, s: torch.Tensor, name: str) -> None:
@@ -129,20 +100,3 @@ def merge_state_into(
     assert rows.dtype in (torch.int32, torch.int64) and rows.is_contiguous(), "rows: contiguous int32/int64"
     assert v.device == v_other.device == rows.device, "merge_state_into: tensors on different devices"
     _launch_merge(v, s, v, s, v_other, s_other, rows=rows)
-
-
-def merge_splits(o_parts: torch.Tensor, lse_parts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold split-KV partial states: o_parts float32 [S, N, H, D], lse_parts float32 [S, N, H] (natural log)
-    into (o [N, H, D], lse [N, H])."""
-    num_splits, num_rows, num_heads, head_dim = o_parts.shape
-    assert o_parts.is_contiguous() and lse_parts.is_contiguous(), "merge_splits: parts must be contiguous"
-    o = o_parts.new_empty((num_rows, num_heads, head_dim))
-    lse = lse_parts.new_empty((num_rows, num_heads))
-    if num_rows == 0:
-        return o, lse
-    _merge_splits_kernel[(num_rows,)](
-        o, lse, o_parts, lse_parts,
-        num_splits, num_heads, head_dim, o_parts.stride(0), lse_parts.stride(0),
-        BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_D=triton.next_power_of_2(head_dim),
-    )
-    return o, lse

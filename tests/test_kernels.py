@@ -7,6 +7,7 @@ import math
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,8 +16,18 @@ DEVICE = "cpu" if INTERPRET else "cuda"
 if not INTERPRET and not torch.cuda.is_available():
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
-from batchrun.kernels import merge_state, merge_state_into, own_attention, prefix_attention  # noqa: E402
-from batchrun.kernels.cascade import LaunchConfig, run_own_attention, run_prefix_attention  # noqa: E402
+from batchrun.kernels import (  # noqa: E402
+    OwnPart,
+    PrefixPart,
+    attend,
+    merge_state,
+    merge_state_into,
+    own_attention,
+    plan_step,
+    prefix_attention,
+)
+from batchrun.kernels.configs import LaunchConfig  # noqa: E402
+from batchrun.kernels.parts import run_own_attention, run_prefix_attention  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 3e-2}
 NUM_KV_HEADS = 2
@@ -292,3 +303,48 @@ def test_empty_batches() -> None:
     assert o.shape == (0, 8, 64) and lse.shape == (0, 8)
     o, lse = own_attention(batch.q[:0], **common, q_indptr=_index([0]), kv_indices=none, kv_indptr=_index([0]))
     assert o.shape == (0, 8, 64) and lse.shape == (0, 8)
+
+
+@pytest.mark.parametrize("group", [3, 5, 6, 7])
+def test_any_gqa_ratio(group: int) -> None:
+    batch = make_batch(PREFIX_LENS, SEQS, group=group, head_dim=64, dtype=torch.float32, seed=group)
+    for config in (LaunchConfig(block_m=16, block_n=16, num_splits=1), LaunchConfig(block_n=16, num_splits=3)):
+        o, lse = cascade(batch, config)
+        assert_state_close(o, lse, reference(batch, "full"), TOL[torch.float32])
+
+
+# A step as the engine plans it: two prefix depths (each group's prefix cut in two), sequences whose query is
+# longer than their own keys (the first rows see no own key), a decode group of 9 on a 300-key prefix, and a
+# 40-token prefill that takes the large tiles while the decodes take the small ones.
+STEP_PREFIX_LENS = [37, 7, 0, 300]
+STEP_SEQS = [*SEQS[:5], (1, 5, 3), *SEQS[5:7], *[(3, 1, n) for n in range(1, 9)], (None, 40, 40), (None, 4, 2)]
+
+
+def prefix_depths(batch: Batch) -> list[PrefixPart]:
+    """The prefix part as two depths: every segment's first keys, then the rest."""
+    meta = {k: t.cpu().numpy() for k, t in batch.prefix.items()}
+    kv_len = np.diff(meta["kv_indptr"])
+    cut = kv_len // 3
+    depths = []
+    for lo, hi in ((np.zeros_like(cut), cut), (cut, kv_len)):
+        kv_indices = np.concatenate([meta["kv_indices"][s + a : s + b]
+                                     for s, a, b in zip(meta["kv_indptr"][:-1], lo, hi, strict=True)] or [[]])
+        depths.append(PrefixPart(meta["q_start"], meta["q_len"], kv_indices.astype(np.int64),
+                                 np.concatenate([[0], np.cumsum(hi - lo)])))
+    return depths
+
+
+@pytest.mark.parametrize("dtype,group", [(torch.float32, 7), (torch.float16, 3), (torch.bfloat16, 4)], ids=str)
+@pytest.mark.parametrize("num_splits", [None, 4])
+def test_plan_step_runs_every_part_in_one_work_list(dtype: torch.dtype, group: int, num_splits: int | None) -> None:
+    batch = make_batch(STEP_PREFIX_LENS, STEP_SEQS, group=group, head_dim=128, dtype=dtype, seed=11)
+    own = OwnPart(*(batch.own[k].cpu().numpy() for k in ("q_indptr", "kv_indices", "kv_indptr")))
+    plan = plan_step(num_rows=batch.q.shape[0], own=own, prefixes=prefix_depths(batch),
+                     num_heads=batch.q.shape[1], num_kv_heads=NUM_KV_HEADS, head_dim=128, dtype=dtype,
+                     device=torch.device(DEVICE), config=LaunchConfig(block_n=16, num_splits=num_splits))
+    assert len(plan.items) == 2, "the decodes and the prefill take different tiles"
+    assert all(i.dtype == torch.int32 for i in (*plan.items, plan.segments, plan.kv_indices, plan.part_rows))
+    for _ in range(2):  # the second layer finds the merge counters re-armed
+        o, lse = attend(plan, batch.q, batch.k_cache, batch.v_cache, sm_scale=batch.sm_scale)
+        assert_state_close(o, lse, reference(batch, "full"), TOL[dtype])
+    assert (plan.counters == 0).all()
