@@ -227,9 +227,7 @@ def test_slot_allocator_hands_out_each_slot_once():
 
 
 def test_reservation_agrees_with_the_planners_kv_accounting():
-    """On planner-made layouts, what the scheduler holds is planner.kv_tokens of the running requests, plus
-    the shared nodes kept resident between waves for members not yet admitted."""
-    from batchrun.planner import PlannerConfig, kv_tokens, plan_requests
+    from batchrun.planner import PlannerConfig, plan_requests
     from batchrun.tokens import TokenTable
 
     rng = np.random.default_rng(5)
@@ -244,20 +242,31 @@ def test_reservation_agrees_with_the_planners_kv_accounting():
                            config=PlannerConfig(kv_budget_bytes=budget, min_prefix_len=3, max_levels=3, share=True))
     assert layout.num_levels >= 2
     kv = KVAccounting(layout.forest, prompt_len=tokens.lengths, max_tokens=max_tokens)
-    sched = Scheduler(kv=kv, order=layout.order, is_skipped=np.zeros(len(prompts), bool),
-                      config=SchedulerConfig(budget, 16))
+    check_reservation(layout, kv, budget=budget, max_step_tokens=16, out_len=max_tokens)
+
+
+def check_reservation(layout, kv, *, budget, max_step_tokens, out_len):
+    """On planner-made layouts, what the scheduler holds is planner.kv_tokens of the running requests, plus
+    the shared nodes kept resident between waves for members not yet admitted (each request stops after
+    out_len tokens)."""
+    from batchrun.planner import kv_tokens
+
+    num_requests = len(layout.order)
+    sched = Scheduler(kv=kv, order=layout.order, is_skipped=np.zeros(num_requests, bool),
+                      config=SchedulerConfig(budget, max_step_tokens))
     seg = layout.forest.segment_len
     running: set[int] = set()
-    generated = np.zeros(len(prompts), int)
+    generated = np.zeros(num_requests, int)
     while (step := sched.schedule()) is not None:
         running |= set(step.admitted)
         read = {n for r in running for n in sched.forest.request_chain(r)}
         lingering = sum(int(seg[n]) for n in np.flatnonzero(sched.is_resident) if n not in read)
-        held = kv_tokens(layout, prompt_len=tokens.lengths, max_tokens=max_tokens, requests=np.array(sorted(running)))
+        held = kv_tokens(layout, prompt_len=kv.prompt_len, max_tokens=kv.decode_tokens,
+                         requests=np.array(sorted(running)))
         assert sched.num_reserved == held + lingering <= budget
         for r in step.decode.tolist() + [c.index for c in step.chunks if c.is_last and not c.is_node]:
             generated[r] += 1
-            if generated[r] == max_tokens[r]:
+            if generated[r] == out_len[r]:
                 sched.finish(r)
                 running.discard(r)
     assert not running and sched.num_reserved == 0
