@@ -22,7 +22,7 @@ class NodeSpan(NamedTuple):
     end: np.ndarray  # int64 [N]; one past its last (0 if none): the members are order[first:end]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PrefixForest:
     """Shared prefix nodes, topologically ordered (a parent's index is below its children's), and the deepest
     node each request reads. Node n's segment is [node_start[n], node_len[n]); request r's own tokens start at
@@ -49,7 +49,7 @@ class PrefixForest:
                     ) -> PrefixForest:
         """The forest of a PlanLayout's arrays (any integer dtype)."""
         as_i64 = lambda a: np.asarray(a).astype(np.int64)
-        return cls(as_i64(node_parent), as_i64(node_len), as_i64(request_node))
+        return cls(node_parent=as_i64(node_parent), node_len=as_i64(node_len), request_node=as_i64(request_node))
 
     @property
     def num_nodes(self) -> int:
@@ -184,5 +184,6 @@ class PrefixForest:
         kept = self.read_nodes(requests)
         new_index = np.full(self.num_nodes, -1, np.int64)
         new_index[kept] = np.arange(len(kept))
-        return PrefixForest(at_node(new_index, self.node_parent[kept], fill=-1), self.node_len[kept],
-                            at_node(new_index, self.request_node[requests], fill=-1))
+        return PrefixForest(node_parent=at_node(new_index, self.node_parent[kept], fill=-1),
+                            node_len=self.node_len[kept],
+                            request_node=at_node(new_index, self.request_node[requests], fill=-1))

@@ -169,7 +169,7 @@ def _shared_prefixes(tokens: TokenTable, config: PlannerConfig) -> _Shared:
     num_requests = len(tokens)
     if not config.share:
         empty = np.zeros(0, dtype=np.int64)
-        forest = PrefixForest(empty, empty, np.full(num_requests, -1, np.int64))
+        forest = PrefixForest(node_parent=empty, node_len=empty, request_node=np.full(num_requests, -1, np.int64))
         return _Shared(forest, empty, np.arange(num_requests, dtype=np.int64))
     tree = build_radix_tree(tokens, tokens.lengths - 1)
     is_shared = _select_levels(tree, min_prefix_len=config.min_prefix_len, max_levels=config.max_levels)
