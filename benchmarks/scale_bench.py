@@ -18,7 +18,6 @@ import numpy as np
 
 from batchrun import defaults
 from batchrun.distributed.units import (
-    RangeCost,
     WorkUnits,
     dispatch_order,
     load_balance,
@@ -26,7 +25,8 @@ from batchrun.distributed.units import (
     simulate_pull,
     unit_config,
 )
-from batchrun.planner import PlanLayout, PlannerConfig, node_span, plan_requests, segment_len
+from batchrun.kv_accounting import KVAccounting, RangeCost
+from batchrun.planner import PlanLayout, PlannerConfig, plan_requests
 from batchrun.sizes import parse_size
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -69,7 +69,7 @@ def simulate(args: argparse.Namespace) -> None:
     ucfg = unit_config(layout, max_tokens=max_tokens, kv_budget_tokens=budget_tokens, num_workers=args.workers)
     total = layout.prefill_tokens + int(max_tokens.sum())
     units, units_s = timed(lambda: make_units(layout, prompt_len=prompt_len, max_tokens=max_tokens, config=ucfg))
-    costs = RangeCost(layout, prompt_len=prompt_len, max_tokens=max_tokens)
+    costs = KVAccounting(layout.forest, prompt_len=prompt_len, max_tokens=max_tokens).ranges(layout.order)
     print(f"units: {len(units):,} in {units_s:.2f} s (target cost {ucfg.target(total):,} down to "
           f"{ucfg.min_cost:,} tokens, KV budget "
           f"{budget_tokens:,} tokens), {int(units.is_wave.sum()):,} of them waves of split groups; cost per unit "
@@ -86,7 +86,7 @@ def simulate(args: argparse.Namespace) -> None:
         ("static: whole groups round robin", None, None, np.bincount(np.arange(len(group_costs)) % args.workers,
                                                                       group_costs, minlength=args.workers)),
     ]
-    shared_tokens = int(segment_len(layout).sum())
+    shared_tokens = int(layout.forest.segment_len.sum())
     print(f"\n{args.workers} workers; cost = prefill tokens (each shared segment once per unit + own) + max_tokens")
     print("| policy | units | max/mean load | prefix tokens computed again | share of shared-prefix tokens |")
     print("| --- | ---: | ---: | ---: | ---: |")
@@ -99,7 +99,7 @@ def simulate(args: argparse.Namespace) -> None:
 
 def check_no_prefix_twice(layout: PlanLayout, units: WorkUnits, costs: RangeCost, *, split_above: int) -> None:
     """Counts the shared nodes computed by more than one unit, and checks that each was split (too big)."""
-    span = node_span(layout)
+    span = costs.span
     lo = np.searchsorted(units.start, span.first, side="right") - 1
     hi = np.searchsorted(units.start, span.end - 1, side="right") - 1
     many = np.flatnonzero(hi > lo)

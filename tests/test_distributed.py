@@ -37,7 +37,7 @@ from batchrun.errors import UserError
 from batchrun.metrics import MetricsRecorder, metrics_path_for
 from batchrun.model.spec import resolve_model
 from batchrun.planfile import save_plan
-from batchrun.planner import PlanLayout, PlannerConfig, kv_tokens, node_span, plan_requests
+from batchrun.planner import PlanLayout, PlannerConfig, kv_tokens, plan_requests
 from batchrun.planning import build_plan
 from batchrun.requests import Request, SamplingParams
 from batchrun.runner import run_plan_file
@@ -93,7 +93,7 @@ def check_units(layout: PlanLayout, prompt_len: np.ndarray, max_tokens: np.ndarr
         return
     assert units.start[0] == 0 and units.end[-1] == num_requests and np.all(units.start < units.end)
     assert np.array_equal(units.start[1:], units.end[:-1])  # a partition of the order
-    span = node_span(layout)
+    span = layout.forest.spans(layout.order)
     total = int(layout.prefill_tokens + max_tokens.sum())
     split_above = max(config.target(total), config.kv_budget_tokens)  # the largest target: the first
     seen_by: dict[int, int] = {}

@@ -8,7 +8,7 @@ import itertools
 import numpy as np
 import pytest
 
-from batchrun.planner import PlanLayout, PlannerConfig, kv_tokens, node_span, plan_requests, request_kv_bytes
+from batchrun.planner import PlanLayout, PlannerConfig, kv_tokens, plan_requests, request_kv_bytes
 from batchrun.tokens import TokenTable
 
 UNLIMITED = 10**9
@@ -72,7 +72,7 @@ def check_layout(seqs: list[list[int]], max_tokens: list[int], layout: PlanLayou
         assert len(seq) - len(covered) >= 1
         assert covered + seq[len(covered) :] == seq
         computed += len(seq) - len(covered)
-    span = node_span(layout)
+    span = layout.forest.spans(layout.order)
     for v in range(num_nodes):
         parent = int(layout.node_parent[v])
         segment = int(layout.node_len[v]) - (int(layout.node_len[parent]) if parent >= 0 else 0)

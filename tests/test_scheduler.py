@@ -8,6 +8,8 @@ import pytest
 
 from batchrun.engine.kv_cache import SlotAllocator
 from batchrun.engine.scheduler import Scheduler, SchedulerConfig
+from batchrun.forest import PrefixForest
+from batchrun.kv_accounting import KVAccounting
 
 
 def random_plan(rng: np.random.Generator, *, max_depth: int = 3):
@@ -46,9 +48,17 @@ def random_plan(rng: np.random.Generator, *, max_depth: int = 3):
     )
 
 
+def make_scheduler(plan, *, is_skipped, config):
+    """A scheduler over a plan dict (random_plan's keys)."""
+    forest = PrefixForest.from_arrays(node_parent=plan["node_parent"], node_len=plan["node_len"],
+                                      request_node=plan["request_node"])
+    kv = KVAccounting(forest, prompt_len=plan["prompt_len"], max_tokens=plan["max_tokens"])
+    return Scheduler(kv=kv, order=plan["order"], is_skipped=is_skipped, config=config)
+
+
 def drive(plan, *, num_slots, max_step_tokens, is_skipped, rng):
     """Runs the scheduler to the end with a fake engine, checking invariants at every step."""
-    sched = Scheduler(**plan, is_skipped=is_skipped, config=SchedulerConfig(num_slots, max_step_tokens))
+    sched = make_scheduler(plan, is_skipped=is_skipped, config=SchedulerConfig(num_slots, max_step_tokens))
     num_requests = len(plan["request_node"])
     # Each request stops after a random number of tokens (EOS) at most max_tokens.
     out_len = np.array([int(rng.integers(1, m + 1)) for m in plan["max_tokens"]])
@@ -71,22 +81,22 @@ def drive(plan, *, num_slots, max_step_tokens, is_skipped, rng):
             assert n not in ever_resident
             resident.add(n)
             ever_resident.add(n)
-            prefilled["n", n] = int(sched.node_start[n])
+            prefilled["n", n] = int(sched.forest.node_start[n])
             held["n", n] = alloc.alloc(sched.node_tokens(n))
         for r in step.admitted:
             assert r not in admitted and r not in rejected and not is_skipped[r]
-            assert all(n in resident for n in sched.chain(r))
+            assert all(n in resident for n in sched.forest.request_chain(r))
             admitted.add(r)
-            prefilled["r", r] = int(sched.own_start[r])
+            prefilled["r", r] = int(sched.forest.own_start[r])
             held["r", r] = alloc.alloc(sched.request_tokens(r))
         for r in step.rejected:
             rejected.add(r)
-            need = sum(sched.node_tokens(n) for n in sched.chain(r)) + sched.request_tokens(r)
+            need = sum(sched.node_tokens(n) for n in sched.forest.request_chain(r)) + sched.request_tokens(r)
             assert need > num_slots, "rejected a request that fits an empty pool"
         # Continuous admission: the next request waits only because it does not fit now.
         if sched.next_pos < num_requests:
             r = int(sched.order[sched.next_pos])
-            cost = sum(sched.node_tokens(n) for n in sched.chain(r) if not sched.is_resident[n])
+            cost = sum(sched.node_tokens(n) for n in sched.forest.request_chain(r) if not sched.is_resident[n])
             assert sched.num_reserved + cost + sched.request_tokens(r) > num_slots or sched.num_running == 0
         # The scheduler's reservation is exactly what is held.
         expected = sum(sched.node_tokens(n) for n in resident)
@@ -102,16 +112,17 @@ def drive(plan, *, num_slots, max_step_tokens, is_skipped, rng):
             key = ("n" if c.is_node else "r", c.index)
             assert prefilled[key] == c.start < c.end, "chunks are contiguous, each token once"
             prefilled[key] = c.end
-            end = sched.node_end[c.index] if c.is_node else sched.prompt_len[c.index]
+            end = sched.forest.node_len[c.index] if c.is_node else sched.kv.prompt_len[c.index]
             assert c.is_last == (c.end == end)
             # What it reads is resident and already fully prefilled (earlier in this step or before).
-            readers_chain = sched.node_chain(int(sched.node_parent[c.index])) if c.is_node else sched.chain(c.index)
+            readers_chain = (sched.forest.node_chain(int(sched.forest.node_parent[c.index])) if c.is_node
+                             else sched.forest.request_chain(c.index))
             for n in readers_chain:
-                assert n in resident and prefilled["n", n] == sched.node_end[n]
+                assert n in resident and prefilled["n", n] == sched.forest.node_len[n]
             computed += c.end - c.start
         for r in decode:
-            assert prefilled["r", r] == sched.prompt_len[r] and generated[r] >= 1
-            assert all(n in resident for n in sched.chain(r))
+            assert prefilled["r", r] == sched.kv.prompt_len[r] and generated[r] >= 1
+            assert all(n in resident for n in sched.forest.request_chain(r))
         # Fake sampling: one token per decode row and per completed request prefill.
         done_now = []
         for r in decode + [c.index for c in step.chunks if c.is_last and not c.is_node]:
@@ -131,7 +142,7 @@ def drive(plan, *, num_slots, max_step_tokens, is_skipped, rng):
     assert all(generated[r] == out_len[r] for r in admitted)
     assert freed == ever_resident and not resident and sched.num_reserved == 0 and alloc.num_used == 0
     # Each node computed once: prefill equals distinct admitted nodes plus own tokens.
-    own = sum(int(sched.prompt_len[r] - sched.own_start[r]) for r in admitted)
+    own = sum(int(sched.kv.prompt_len[r] - sched.forest.own_start[r]) for r in admitted)
     assert computed == own + sum(sched.node_tokens(n) for n in ever_resident)
     return sched, steps, admitted, rejected
 
@@ -150,7 +161,7 @@ def test_random_plans_keep_invariants(seed):
 def test_a_large_budget_admits_everything_at_once():
     rng = np.random.default_rng(0)
     plan = random_plan(rng)
-    sched = Scheduler(**plan, is_skipped=np.zeros(len(plan["order"]), bool),
+    sched = make_scheduler(plan, is_skipped=np.zeros(len(plan["order"]), bool),
                       config=SchedulerConfig(100_000, 100_000))
     step = sched.schedule()
     assert sorted(step.admitted) == list(range(len(plan["order"])))
@@ -162,7 +173,7 @@ def test_a_small_budget_runs_in_waves_and_frees_the_shared_node_last():
     # One node of 10 tokens, 4 members each needing 2 own + 3 output tokens: 10 + 2 * 5 fits two at a time.
     plan = dict(node_parent=np.array([-1]), node_len=np.array([10]), request_node=np.zeros(4, np.int32),
                 order=np.arange(4), prompt_len=np.full(4, 12), max_tokens=np.full(4, 3))
-    sched = Scheduler(**plan, is_skipped=np.zeros(4, bool), config=SchedulerConfig(20, 64))
+    sched = make_scheduler(plan, is_skipped=np.zeros(4, bool), config=SchedulerConfig(20, 64))
     step = sched.schedule()
     assert step.admitted_nodes == [0] and step.admitted == [0, 1]
     assert [(c.is_node, c.index) for c in step.chunks] == [(True, 0), (False, 0), (False, 1)]
@@ -176,7 +187,7 @@ def test_a_small_budget_runs_in_waves_and_frees_the_shared_node_last():
 def test_skipped_members_do_not_compute_their_node():
     plan = dict(node_parent=np.array([-1, -1]), node_len=np.array([10, 10]), request_node=np.array([0, 0, 1]),
                 order=np.arange(3), prompt_len=np.full(3, 12), max_tokens=np.full(3, 3))
-    sched = Scheduler(**plan, is_skipped=np.array([True, True, False]), config=SchedulerConfig(1000, 64))
+    sched = make_scheduler(plan, is_skipped=np.array([True, True, False]), config=SchedulerConfig(1000, 64))
     step = sched.schedule()
     assert step.admitted_nodes == [1] and step.admitted == [2]
 
@@ -192,7 +203,7 @@ def test_a_request_larger_than_the_budget_is_rejected_and_the_rest_runs():
 def test_decode_tokens_come_first_and_prefill_fills_the_rest():
     plan = dict(node_parent=np.zeros(0, np.int32), node_len=np.zeros(0, np.int32), request_node=np.full(3, -1),
                 order=np.arange(3), prompt_len=np.array([4, 4, 100]), max_tokens=np.array([9, 9, 9]))
-    sched = Scheduler(**plan, is_skipped=np.zeros(3, bool), config=SchedulerConfig(1000, 10))
+    sched = make_scheduler(plan, is_skipped=np.zeros(3, bool), config=SchedulerConfig(1000, 10))
     step = sched.schedule()
     assert [(c.index, c.start, c.end) for c in step.chunks] == [(0, 0, 4), (1, 0, 4), (2, 0, 2)]
     step = sched.schedule()
@@ -216,9 +227,7 @@ def test_slot_allocator_hands_out_each_slot_once():
 
 
 def test_reservation_agrees_with_the_planners_kv_accounting():
-    """On planner-made layouts, what the scheduler holds is planner.kv_tokens of the running requests, plus
-    the shared nodes kept resident between waves for members not yet admitted."""
-    from batchrun.planner import PlannerConfig, kv_tokens, plan_requests, segment_len
+    from batchrun.planner import PlannerConfig, plan_requests
     from batchrun.tokens import TokenTable
 
     rng = np.random.default_rng(5)
@@ -232,21 +241,32 @@ def test_reservation_agrees_with_the_planners_kv_accounting():
     layout = plan_requests(tokens, max_tokens, kv_bytes_per_token=1,
                            config=PlannerConfig(kv_budget_bytes=budget, min_prefix_len=3, max_levels=3, share=True))
     assert layout.num_levels >= 2
-    sched = Scheduler(node_parent=layout.node_parent, node_len=layout.node_len, request_node=layout.request_node,
-                      order=layout.order, prompt_len=tokens.lengths, max_tokens=max_tokens,
-                      is_skipped=np.zeros(len(prompts), bool), config=SchedulerConfig(budget, 16))
-    seg = segment_len(layout)
+    kv = KVAccounting(layout.forest, prompt_len=tokens.lengths, max_tokens=max_tokens)
+    check_reservation(layout, kv, budget=budget, max_step_tokens=16, out_len=max_tokens)
+
+
+def check_reservation(layout, kv, *, budget, max_step_tokens, out_len):
+    """On planner-made layouts, what the scheduler holds is planner.kv_tokens of the running requests, plus
+    the shared nodes kept resident between waves for members not yet admitted (each request stops after
+    out_len tokens)."""
+    from batchrun.planner import kv_tokens
+
+    num_requests = len(layout.order)
+    sched = Scheduler(kv=kv, order=layout.order, is_skipped=np.zeros(num_requests, bool),
+                      config=SchedulerConfig(budget, max_step_tokens))
+    seg = layout.forest.segment_len
     running: set[int] = set()
-    generated = np.zeros(len(prompts), int)
+    generated = np.zeros(num_requests, int)
     while (step := sched.schedule()) is not None:
         running |= set(step.admitted)
-        read = {n for r in running for n in sched.chain(r)}
+        read = {n for r in running for n in sched.forest.request_chain(r)}
         lingering = sum(int(seg[n]) for n in np.flatnonzero(sched.is_resident) if n not in read)
-        held = kv_tokens(layout, prompt_len=tokens.lengths, max_tokens=max_tokens, requests=np.array(sorted(running)))
+        held = kv_tokens(layout, prompt_len=kv.prompt_len, max_tokens=kv.decode_tokens,
+                         requests=np.array(sorted(running)))
         assert sched.num_reserved == held + lingering <= budget
         for r in step.decode.tolist() + [c.index for c in step.chunks if c.is_last and not c.is_node]:
             generated[r] += 1
-            if generated[r] == max_tokens[r]:
+            if generated[r] == out_len[r]:
                 sched.finish(r)
                 running.discard(r)
     assert not running and sched.num_reserved == 0

@@ -67,8 +67,8 @@ def render_plan_groups(console: Console, plan: Plan, tokenizer: Any, *, limit: i
     for g in range(min(limit, len(layout.group_indptr) - 1)):
         members = np.asarray(layout.order[layout.group_indptr[g] : layout.group_indptr[g + 1]])
         first = int(members[0])
-        chain = _node_chain(plan, int(layout.request_node[first]))
-        levels = " → ".join(str(n) for n in _segment_lengths(plan, chain)) or "none"
+        chain = layout.forest.request_chain(first)
+        levels = " → ".join(str(n) for n in layout.forest.segment_len[chain].tolist()) or "none"
         ratio = max_tokens[members].sum() / max(1, lengths[members].sum())
         preview = ""
         if chain:
@@ -79,14 +79,3 @@ def render_plan_groups(console: Console, plan: Plan, tokenizer: Any, *, limit: i
     console.print(table)
 
 
-def _node_chain(plan: Plan, node: int) -> list[int]:
-    chain = []
-    while node >= 0:
-        chain.append(node)
-        node = int(plan.layout.node_parent[node])
-    return chain[::-1]
-
-
-def _segment_lengths(plan: Plan, chain: list[int]) -> list[int]:
-    ends = [int(plan.layout.node_len[n]) for n in chain]
-    return [end - start for start, end in zip([0, *ends[:-1]], ends, strict=True)]

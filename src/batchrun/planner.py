@@ -1,5 +1,5 @@
-"""Plans a file's requests: shared-prefix levels, groups, their order and memory-sized batches → PlanLayout.
-Also owns the KV accounting that the run-time scheduler reuses, so that plan and run agree (no torch).
+"""Plans a file's requests: shared-prefix levels, groups, their order and memory-sized batches → PlanLayout
+(no torch). Batches are cut with kv_accounting, the count the run-time scheduler admits by, so plan and run agree.
 
 Prefix selection. The radix tree is built over every prompt minus its last token, so each request keeps at
 least one own token (its own prefill yields the logits of its first output token). A chosen tree node v
@@ -23,10 +23,13 @@ gains at most (m - 1) * min_prefix_len tokens there, and makes levels no system 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import NamedTuple
 
 import numpy as np
 
+from batchrun.forest import PrefixForest
+from batchrun.kv_accounting import KVAccounting
 from batchrun.tokens import TokenTable
 from batchrun.trie import RadixTree, build_radix_tree
 
@@ -88,6 +91,12 @@ class PlanLayout:
             assert len(indptr) == count + 1 and indptr[0] == 0 and indptr[-1] == num_requests
         assert self.saved_prefill_tokens == self.prompt_tokens - self.prefill_tokens
 
+    @cached_property
+    def forest(self) -> PrefixForest:
+        """The shared nodes as a forest: chains, levels, segments, spans."""
+        return PrefixForest.from_arrays(node_parent=self.node_parent, node_len=self.node_len,
+                                        request_node=self.request_node)
+
 
 def request_kv_bytes(prompt_len: np.ndarray, max_tokens: np.ndarray, *, kv_bytes_per_token: int) -> np.ndarray:
     """int64 [R]: KV bytes each request holds when it runs alone. A request above the KV budget can never
@@ -95,59 +104,10 @@ def request_kv_bytes(prompt_len: np.ndarray, max_tokens: np.ndarray, *, kv_bytes
     return (np.asarray(prompt_len, np.int64) + np.asarray(max_tokens, np.int64)) * kv_bytes_per_token
 
 
-class NodeSpan(NamedTuple):
-    first: np.ndarray  # int64 [N]; position in `order` of the node's first member
-    end: np.ndarray  # int64 [N]; one past its last: the members are order[first:end]
-
-
-def node_span(layout: PlanLayout) -> NodeSpan:
-    """Where each shared node's members sit in the order (members: the requests whose chain reads it)."""
-    num_requests = len(layout.order)
-    position = np.empty(num_requests, dtype=np.int64)
-    position[layout.order] = np.arange(num_requests)
-    first = np.full(len(layout.node_len), num_requests, dtype=np.int64)
-    end = np.zeros(len(layout.node_len), dtype=np.int64)
-    nodes = layout.request_node.astype(np.int64)
-    while len(nodes):  # one step per level
-        has_node = nodes >= 0
-        nodes, position = nodes[has_node], position[has_node]
-        np.minimum.at(first, nodes, position)
-        np.maximum.at(end, nodes, position + 1)
-        nodes = layout.node_parent[nodes]
-    return NodeSpan(first, end)
-
-
-def segment_len(layout: PlanLayout) -> np.ndarray:
-    """int64 [N]: the tokens each shared node adds to its parent's prefix."""
-    node_len = layout.node_len.astype(np.int64)
-    return node_len - _at(node_len, layout.node_parent)
-
-
-def shared_len(layout: PlanLayout) -> np.ndarray:
-    """int64 [R]: the prompt tokens each request reads from shared nodes (0 for none)."""
-    return _at(layout.node_len.astype(np.int64), layout.request_node)
-
-
 def kv_tokens(layout: PlanLayout, *, prompt_len: np.ndarray, max_tokens: np.ndarray,
               requests: np.ndarray) -> int:
-    """KV tokens that running `requests` together holds: each distinct shared node they read (the whole chain
-    above each request's node) once, plus per request its own prompt tokens and max_tokens. The batch's
-    bytes are this times kv_bytes_per_token; planner and scheduler both count with it."""
-    requests = np.asarray(requests, dtype=np.int64)
-    prompt_len = np.asarray(prompt_len, np.int64)[requests]
-    own = prompt_len - shared_len(layout)[requests] + np.asarray(max_tokens, np.int64)[requests]
-    nodes = np.unique(layout.request_node[requests])
-    chains = [nodes[nodes >= 0]]
-    while len(chains[-1]):  # one step per level
-        up = layout.node_parent[chains[-1]]
-        chains.append(np.unique(up[up >= 0]))
-    read = np.unique(np.concatenate(chains))
-    return int(segment_len(layout)[read].sum() + own.sum())
-
-
-def _at(values: np.ndarray, index: np.ndarray, fill: int = 0) -> np.ndarray:
-    """values[index], with `fill` where index is -1 (no node)."""
-    return np.append(values, fill)[index]
+    """KV tokens that running `requests` of the layout together holds (kv_accounting.KVAccounting.tokens)."""
+    return KVAccounting(layout.forest, prompt_len=prompt_len, max_tokens=max_tokens).tokens(requests)
 
 
 def plan_requests(tokens: TokenTable, max_tokens: np.ndarray, *, kv_bytes_per_token: int,
@@ -161,25 +121,36 @@ def plan_requests(tokens: TokenTable, max_tokens: np.ndarray, *, kv_bytes_per_to
     budget = config.kv_budget_bytes // kv_bytes_per_token
     assert bool(np.all(prompt_len + max_tokens <= budget)), "a request exceeds the KV budget alone"
     shared = _shared_prefixes(tokens, config)
-    groups = _order_groups(shared, prompt_len, max_tokens)
-    batches = _batches(shared, groups, prompt_len, max_tokens, budget)
-    prefill = int(shared.segment_len.sum() + (prompt_len - shared.request_shared_len).sum())
-    num_levels = int(shared.node_level.max()) if len(shared.node_level) else 0
+    order, group_indptr = _order_groups(shared.forest, shared.dfs_order, prompt_len, max_tokens)
+    return make_layout(shared.forest, node_request=shared.node_request, order=order, group_indptr=group_indptr,
+                       prompt_len=prompt_len, max_tokens=max_tokens, budget_tokens=budget,
+                       kv_bytes_per_token=kv_bytes_per_token)
+
+
+def make_layout(forest: PrefixForest, *, node_request: np.ndarray, order: np.ndarray, group_indptr: np.ndarray,
+                prompt_len: np.ndarray, max_tokens: np.ndarray, budget_tokens: int,
+                kv_bytes_per_token: int) -> PlanLayout:
+    """The layout of `forest`'s requests run in `order` (every node's members contiguous) in the groups
+    `group_indptr`: greedy batches of at most `budget_tokens` KV tokens each, and the summary numbers."""
+    kv = KVAccounting(forest, prompt_len=prompt_len, max_tokens=max_tokens)
+    batches = kv.ranges(order).batches(budget_tokens)
+    prompt_tokens = int(kv.prompt_len.sum())
+    prefill = int(kv.node_tokens.sum() + kv.own_prompt_tokens.sum())
     as_i32 = lambda a: np.asarray(a).astype(np.int32)
     return PlanLayout(
-        node_parent=as_i32(shared.node_parent),
-        node_len=as_i32(shared.node_len),
-        node_request=as_i32(shared.node_request),
-        request_node=as_i32(shared.request_node),
-        order=as_i32(groups.order),
-        group_indptr=as_i32(groups.group_indptr),
+        node_parent=as_i32(forest.node_parent),
+        node_len=as_i32(forest.node_len),
+        node_request=as_i32(node_request),
+        request_node=as_i32(forest.request_node),
+        order=as_i32(order),
+        group_indptr=as_i32(group_indptr),
         batch_indptr=as_i32(batches.batch_indptr),
-        prompt_tokens=int(prompt_len.sum()),
+        prompt_tokens=prompt_tokens,
         prefill_tokens=prefill,
-        saved_prefill_tokens=int(prompt_len.sum()) - prefill,
-        num_groups=len(groups.group_indptr) - 1,
-        num_levels=num_levels,
-        num_shared_nodes=len(shared.node_len),
+        saved_prefill_tokens=prompt_tokens - prefill,
+        num_groups=len(group_indptr) - 1,
+        num_levels=forest.num_levels,
+        num_shared_nodes=forest.num_nodes,
         num_batches=len(batches.batch_indptr) - 1,
         max_batch_kv_bytes=batches.max_kv_tokens * kv_bytes_per_token,
     )
@@ -189,14 +160,8 @@ def plan_requests(tokens: TokenTable, max_tokens: np.ndarray, *, kv_bytes_per_to
 
 
 class _Shared(NamedTuple):
-    node_parent: np.ndarray  # int64 [N], topological
-    node_len: np.ndarray  # int64 [N]
-    node_request: np.ndarray  # int64 [N]
-    node_level: np.ndarray  # int64 [N]; 1 at the top level
-    node_first: np.ndarray  # int64 [N]; position of the node's first member in dfs_order
-    segment_len: np.ndarray  # int64 [N]
-    request_node: np.ndarray  # int64 [R]
-    request_shared_len: np.ndarray  # int64 [R]
+    forest: PrefixForest
+    node_request: np.ndarray  # int64 [N]; a member whose first node_len tokens are the prefix
     dfs_order: np.ndarray  # int64 [R]; every node's members contiguous
 
 
@@ -204,21 +169,15 @@ def _shared_prefixes(tokens: TokenTable, config: PlannerConfig) -> _Shared:
     num_requests = len(tokens)
     if not config.share:
         empty = np.zeros(0, dtype=np.int64)
-        return _Shared(empty, empty, empty, empty, empty, empty, np.full(num_requests, -1, np.int64),
-                       np.zeros(num_requests, np.int64), np.arange(num_requests, dtype=np.int64))
+        forest = PrefixForest(node_parent=empty, node_len=empty, request_node=np.full(num_requests, -1, np.int64))
+        return _Shared(forest, empty, np.arange(num_requests, dtype=np.int64))
     tree = build_radix_tree(tokens, tokens.lengths - 1)
     is_shared = _select_levels(tree, min_prefix_len=config.min_prefix_len, max_levels=config.max_levels)
     tree_nodes = np.flatnonzero(is_shared)
     nearest = _nearest_shared(tree.node_parent, is_shared)  # [tree nodes] → shared node index or -1
-    node_parent = nearest[tree.node_parent[tree_nodes]]
-    node_len = tree.node_depth[tree_nodes]
-    node_level: list[int] = []
-    for p in node_parent.tolist():  # topological: a parent's level is known first
-        node_level.append(node_level[p] + 1 if p >= 0 else 1)
-    request_node = nearest[tree.request_node]
-    return _Shared(node_parent, node_len, tree.node_ref[tree_nodes].astype(np.int64), np.array(node_level, np.int64),
-                   tree.node_request_start[tree_nodes], node_len - _at(node_len, node_parent), request_node,
-                   _at(node_len, request_node), tree.request_order.astype(np.int64))
+    forest = PrefixForest.from_arrays(node_parent=nearest[tree.node_parent[tree_nodes]],
+                                      node_len=tree.node_depth[tree_nodes], request_node=nearest[tree.request_node])
+    return _Shared(forest, tree.node_ref[tree_nodes].astype(np.int64), tree.request_order.astype(np.int64))
 
 
 def _nearest_shared(tree_parent: np.ndarray, is_shared: np.ndarray) -> np.ndarray:
@@ -303,23 +262,15 @@ class _LevelDP:
 class _Groups(NamedTuple):
     order: np.ndarray  # int64 [R]
     group_indptr: np.ndarray  # int64 [G + 1]
-    position: np.ndarray  # int64 [R]; position[p] = where dfs position p went in order
 
 
-def _order_groups(shared: _Shared, prompt_len: np.ndarray, max_tokens: np.ndarray) -> _Groups:
+def _order_groups(forest: PrefixForest, dfs: np.ndarray, prompt_len: np.ndarray, max_tokens: np.ndarray
+                  ) -> _Groups:
     """Top-level nodes and lone requests as groups, by decode ratio (largest first, ties by first input index)."""
-    dfs = shared.dfs_order
     num_requests = len(dfs)
     if num_requests == 0:
-        return _Groups(dfs, np.zeros(1, np.int64), dfs)
-    top = np.arange(len(shared.node_parent))
-    for i, p in enumerate(shared.node_parent.tolist()):
-        if p >= 0:
-            top[i] = top[p]
-    group_key = _at(top, shared.request_node[dfs], fill=-1)
-    is_start = np.ones(num_requests, dtype=bool)
-    is_start[1:] = (group_key[1:] < 0) | (group_key[1:] != group_key[:-1])
-    starts = np.flatnonzero(is_start)
+        return _Groups(dfs, np.zeros(1, np.int64))
+    starts = forest.group_starts(dfs)
     decode = np.add.reduceat(max_tokens[dfs], starts).astype(np.float64)
     ratio = decode / np.add.reduceat(prompt_len[dfs], starts)
     first_index = np.minimum.reduceat(dfs, starts)
@@ -327,35 +278,4 @@ def _order_groups(shared: _Shared, prompt_len: np.ndarray, max_tokens: np.ndarra
     size = np.diff(np.append(starts, num_requests))[by_ratio]
     group_indptr = np.concatenate(([0], np.cumsum(size)))
     source = np.repeat(starts[by_ratio] - group_indptr[:-1], size) + np.arange(num_requests)
-    position = np.empty(num_requests, dtype=np.int64)
-    position[source] = np.arange(num_requests)
-    return _Groups(dfs[source], group_indptr, position)
-
-
-class _Batches(NamedTuple):
-    batch_indptr: np.ndarray  # int64 [B + 1]
-    max_kv_tokens: int
-
-
-def _batches(shared: _Shared, groups: _Groups, prompt_len: np.ndarray, max_tokens: np.ndarray,
-             budget: int) -> _Batches:
-    """Greedy contiguous batches over the order, each holding at most `budget` KV tokens (kv_tokens).
-
-    Because every node's members are contiguous, a batch [b, e) reads the chain of its first request plus,
-    for each later position p, the nodes whose first member is at p: prefix sums make each cut a search.
-    """
-    order = groups.order
-    chain_len = shared.request_shared_len[order]
-    opened = np.zeros(len(order), dtype=np.int64)  # tokens of the nodes whose first member is at p
-    np.add.at(opened, groups.position[shared.node_first], shared.segment_len)
-    own = prompt_len[order] - chain_len + max_tokens[order]
-    cum = np.concatenate(([0], np.cumsum(opened + own)))
-    bounds, max_kv = [0], 0
-    while bounds[-1] < len(order):
-        b = bounds[-1]
-        base = chain_len[b] - opened[b] - cum[b]
-        e = int(np.searchsorted(cum, budget - base, side="right")) - 1
-        assert e > b, "a request exceeds the KV budget alone"
-        max_kv = max(max_kv, int(base + cum[e]))
-        bounds.append(e)
-    return _Batches(np.asarray(bounds, dtype=np.int64), max_kv)
+    return _Groups(dfs[source], group_indptr)

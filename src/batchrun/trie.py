@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from batchrun.forest import at_node
 from batchrun.tokens import TokenTable
 
 
@@ -39,8 +40,7 @@ class RadixTree:
     @property
     def edge_len(self) -> np.ndarray:
         """int64 [N]: tokens on the edge into each node (0 at the root)."""
-        parent_depth = self.node_depth[np.maximum(self.node_parent, 0)]
-        return np.where(self.node_parent >= 0, self.node_depth - parent_depth, 0)
+        return self.node_depth - at_node(self.node_depth, self.node_parent)  # the root's depth is 0
 
     def children(self, node: int) -> np.ndarray:
         return self.child_node[self.child_indptr[node] : self.child_indptr[node + 1]]

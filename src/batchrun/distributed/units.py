@@ -19,7 +19,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from batchrun.planner import PlanLayout, node_span, segment_len, shared_len
+from batchrun.kv_accounting import KVAccounting, RangeCost
+from batchrun.planner import PlanLayout
 
 GUIDED_SHARE = 2
 TAIL_UNITS_PER_WORKER = 32
@@ -59,40 +60,6 @@ class WorkUnits(NamedTuple):
         return len(self.start)
 
 
-class RangeCost:
-    """O(1) cost of any contiguous range of the order, with the planner's KV accounting.
-
-    A range [a, b) reads the chain of its first request plus every node whose first member lies in (a, b):
-    members of a node are contiguous, so no other node can be read by it.
-    """
-
-    def __init__(self, layout: PlanLayout, *, prompt_len: np.ndarray, max_tokens: np.ndarray) -> None:
-        order = layout.order.astype(np.int64)
-        num_requests = len(order)
-        span = node_span(layout)
-        self.first, self.end = span.first.tolist(), span.end.tolist()
-        opened = np.zeros(num_requests + 1, np.int64)  # segment tokens of the nodes whose first member is at p
-        np.add.at(opened, span.first, segment_len(layout))
-        chain_len = shared_len(layout)[order]
-        own_prefill = np.asarray(prompt_len, np.int64)[order] - chain_len
-        decode = np.asarray(max_tokens, np.int64)[order]
-        self.chain_len, self.opened = chain_len.tolist(), opened.tolist()
-        self.cum_opened = np.concatenate(([0], np.cumsum(opened[:num_requests]))).tolist()
-        self.cum_prefill = np.concatenate(([0], np.cumsum(own_prefill))).tolist()
-        self.cum_decode = np.concatenate(([0], np.cumsum(decode))).tolist()
-
-    def prefill(self, a: int, b: int) -> int:
-        assert a < b
-        shared = self.chain_len[a] + self.cum_opened[b] - self.cum_opened[a + 1]
-        return shared + self.cum_prefill[b] - self.cum_prefill[a]
-
-    def decode(self, a: int, b: int) -> int:
-        return self.cum_decode[b] - self.cum_decode[a]
-
-    def cost(self, a: int, b: int) -> int:
-        return self.prefill(a, b) + self.decode(a, b)
-
-
 def unit_config(layout: PlanLayout, *, max_tokens: np.ndarray, kv_budget_tokens: int, num_workers: int,
                 tail_units_per_worker: int = TAIL_UNITS_PER_WORKER) -> UnitConfig:
     """Guided unit sizes for `num_workers` workers (the module's comment)."""
@@ -116,8 +83,9 @@ def make_units(layout: PlanLayout, *, prompt_len: np.ndarray, max_tokens: np.nda
     node is computed by several workers only when it or an ancestor was split, and only the segments above
     the split are repeated (never a sibling's).
     """
-    costs = RangeCost(layout, prompt_len=prompt_len, max_tokens=max_tokens)
-    cutter = _Cutter(costs, _child_at_depth(layout), config)
+    costs = KVAccounting(layout.forest, prompt_len=prompt_len, max_tokens=max_tokens).ranges(layout.order)
+    child_at = [row.tolist() for row in layout.forest.request_chains(layout.order).T]
+    cutter = _Cutter(costs, child_at, config)
     if len(layout.order):
         cutter.cut(0, len(layout.order), 0)
     ranges = cutter.out
@@ -132,8 +100,10 @@ class _Cutter:
     """make_units' walk: spans are cut in plan order, so the cost not yet cut sets each unit's target."""
 
     def __init__(self, costs: RangeCost, child_at: list[list[int]], config: UnitConfig) -> None:
+        # child_at[d][p]: the node at depth d of the chain of the request at position p, or -1.
         self.costs, self.child_at, self.config = costs, child_at, config
-        self.remaining = costs.cost(0, len(costs.chain_len)) if costs.chain_len else 0
+        self.span_end = costs.span.end.tolist()
+        self.remaining = costs.cost(0, len(costs)) if len(costs) else 0
         self.out: list[tuple[int, int, bool]] = []  # (start, end, is_wave)
 
     def cut(self, a: int, b: int, depth: int) -> None:
@@ -141,7 +111,7 @@ class _Cutter:
         members."""
         costs, budget = self.costs, self.config.kv_budget_tokens
         pack_start = -1
-        for s, e, is_node in _items(self.child_at, costs, a, b, depth):
+        for s, e, is_node in _items(self.child_at, self.span_end, a, b, depth):
             target = self.config.target(self.remaining)
             if is_node and costs.cost(s, e) > max(target, budget):
                 if pack_start >= 0:
@@ -163,27 +133,10 @@ class _Cutter:
         self.remaining = max(0, self.remaining - self.costs.cost(start, end))
 
 
-def _child_at_depth(layout: PlanLayout) -> list[list[int]]:
-    """Per depth d (0-based), per plan position: the node at level d + 1 of that request's chain, or -1."""
-    num_nodes = len(layout.node_parent)
-    level = np.zeros(num_nodes, np.int64)  # 0 at the top level
-    for n, p in enumerate(layout.node_parent.tolist()):  # topological: a parent is numbered first
-        if p >= 0:
-            level[n] = level[p] + 1
-    num_levels = int(level.max()) + 1 if num_nodes else 0
-    table = np.full((num_levels, len(layout.order)), -1, np.int64)
-    node = layout.request_node.astype(np.int64)[layout.order]
-    positions = np.arange(len(node))
-    while (has := node >= 0).any():  # one step per level, from each request's deepest node up
-        table[level[node[has]], positions[has]] = node[has]
-        node = np.where(has, np.append(layout.node_parent, -1)[node], -1)
-    return [row.tolist() for row in table]
-
-
-def _items(child_at: list[list[int]], costs: RangeCost, a: int, b: int, depth: int
+def _items(child_at: list[list[int]], span_end: list[int], a: int, b: int, depth: int
            ) -> list[tuple[int, int, bool]]:
     """The items of span [a, b) at `depth`: (start, end, is_node) for each child node's members and for each
-    request that reads no node at that depth."""
+    request that reads no node at that depth (a node's members end at span_end[node])."""
     row = child_at[depth] if depth < len(child_at) else None
     items = []
     p = a
@@ -193,9 +146,9 @@ def _items(child_at: list[list[int]], costs: RangeCost, a: int, b: int, depth: i
             items.append((p, p + 1, False))
             p += 1
         else:
-            assert costs.first[node] == p and costs.end[node] <= b, "a node's members must be contiguous"
-            items.append((p, costs.end[node], True))
-            p = costs.end[node]
+            assert span_end[node] <= b, "a node's members must be contiguous"
+            items.append((p, span_end[node], True))
+            p = span_end[node]
     return items
 
 

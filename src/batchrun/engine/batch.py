@@ -11,6 +11,7 @@ from typing import NamedTuple
 import numpy as np
 
 from batchrun.engine.scheduler import Step
+from batchrun.forest import PrefixForest, at_node
 from batchrun.tokens import TokenTable
 
 
@@ -39,40 +40,14 @@ class StepBatch(NamedTuple):
 
 
 class BatchBuilder:
-    """Static per-plan arrays: each request's and node's chain of shared nodes, segment starts, token rows."""
+    """Static per-plan arrays: the prefix forest (chains, segment starts) and where each node's tokens are read."""
 
-    def __init__(
-        self,
-        *,
-        tokens: TokenTable,
-        node_parent: np.ndarray,
-        node_len: np.ndarray,
-        node_request: np.ndarray,
-        request_node: np.ndarray,
-    ) -> None:
+    def __init__(self, *, tokens: TokenTable, forest: PrefixForest, node_request: np.ndarray) -> None:
         self.tokens = tokens.tokens
         self.token_start = tokens.indptr[:-1]
-        # Per-node arrays carry one extra trailing entry, so that index -1 (no node) reads a harmless value.
-        node_parent = np.asarray(node_parent, np.int64)
-        num_nodes = len(node_parent)
-        node_len = np.append(np.asarray(node_len, np.int64), 0)
-        self.node_start = np.append(node_len[node_parent], 0)  # [N + 1]
-        self.own_start = node_len[np.asarray(request_node, np.int64)]  # [R]
+        self.forest = forest
         # Where a node's tokens are read from: the token row of one of its members.
-        self.node_token_start = np.append(self.token_start[np.asarray(node_request, np.int64)], 0)  # [N + 1]
-        depth = np.zeros(num_nodes, np.int64)
-        for n in range(num_nodes):  # topological: parents first
-            depth[n] = depth[node_parent[n]] + 1 if node_parent[n] >= 0 else 0
-        self.max_depth = int(depth.max()) + 1 if num_nodes else 0
-        # node_chain[n] = [top, ..., n], padded with -1; row N (index -1) is all -1.
-        self.node_chain = np.full((num_nodes + 1, max(self.max_depth, 1)), -1, np.int64)
-        for n in range(num_nodes):
-            if node_parent[n] >= 0:
-                self.node_chain[n] = self.node_chain[node_parent[n]]
-            self.node_chain[n, depth[n]] = n
-        self.request_chain = self.node_chain[np.asarray(request_node, np.int64)]  # [R, depth]
-        # A node's own prefill reads its ancestors only.
-        self.ancestor_chain = self.node_chain[np.append(node_parent, -1)]  # [N + 1, depth]
+        self.node_token_start = self.token_start[np.asarray(node_request, np.int64)]  # [N]
 
     def build(
         self,
@@ -93,11 +68,13 @@ class BatchBuilder:
         chunk_index = np.array([c.index for c in chunks], np.int64)
         node_of = np.where(chunk_is_node, chunk_index, -1)
         request_of = np.where(chunk_is_node, -1, chunk_index)
-        chunk_own_start = np.where(chunk_is_node, self.node_start[node_of], self.own_start[request_of])
+        # request_of and node_of are -1 where the chunk is of the other kind: np.where drops what they read.
+        forest = self.forest
+        chunk_own_start = np.where(chunk_is_node, at_node(forest.node_start, node_of), forest.own_start[request_of])
 
         decode_pos = prompt_len[decode] + num_generated[decode] - 1  # the last sampled token's position
         item_q_len = np.concatenate([np.ones(num_decode, np.int64), chunk_end - chunk_start])
-        item_kv_len = np.concatenate([decode_pos - self.own_start[decode] + 1, chunk_end - chunk_own_start])
+        item_kv_len = np.concatenate([decode_pos - forest.own_start[decode] + 1, chunk_end - chunk_own_start])
         q_indptr = _indptr(item_q_len)
         kv_indptr = _indptr(item_kv_len)
         own_slots = [request_slots[r] for r in decode.tolist()]
@@ -110,16 +87,18 @@ class BatchBuilder:
         slots = kv_indices[kv_indptr[row_item + 1] - (q_indptr[row_item + 1] - np.arange(num_rows))]
 
         spans = list(zip(chunk_start.tolist(), chunk_end.tolist(), strict=True))
-        token_row_start = np.where(chunk_is_node, self.node_token_start[node_of], self.token_start[request_of])
+        token_row_start = np.where(chunk_is_node, at_node(self.node_token_start, node_of), self.token_start[request_of])
         chunk_ids = [self.tokens[t + a : t + b] for t, (a, b) in zip(token_row_start.tolist(), spans, strict=True)]
         input_ids = _concat([last_token[decode], *chunk_ids])
         positions = _concat([decode_pos, *(np.arange(a, b) for a, b in spans)])
 
+        # A node's own prefill reads its ancestors only.
         item_chain = np.concatenate([
-            self.request_chain[decode],
-            np.where(chunk_is_node[:, None], self.ancestor_chain[node_of], self.request_chain[request_of]),
-        ]) if self.max_depth else np.zeros((len(item_q_len), 0), np.int64)
-        prefix = [p for d in range(self.max_depth) if (p := _prefix_part(item_chain[:, d], q_indptr, node_slots))]
+            forest.request_chains(decode),
+            np.where(chunk_is_node[:, None], forest.node_chains(at_node(forest.node_parent, node_of, fill=-1)),
+                     forest.request_chains(request_of)),
+        ])
+        prefix = [p for d in range(forest.num_levels) if (p := _prefix_part(item_chain[:, d], q_indptr, node_slots))]
 
         is_first_token = ~chunk_is_node & np.array([c.is_last for c in chunks], bool)
         logit_rows = np.concatenate([np.arange(num_decode), q_indptr[num_decode + 1 :][is_first_token] - 1])

@@ -24,9 +24,9 @@ from batchrun.engine.model_runner import ModelRunner, nan_rows
 from batchrun.engine.request_state import RequestState
 from batchrun.engine.sampler import Sampler
 from batchrun.engine.scheduler import Scheduler, SchedulerConfig, Step
+from batchrun.kv_accounting import KVAccounting
 from batchrun.model.llama import LlamaModel
 from batchrun.output import Completion, FinishReason
-from batchrun.planner import segment_len, shared_len
 from batchrun.requests import Request
 from batchrun.tokens import TokenTable
 
@@ -100,13 +100,7 @@ class Engine:
         layout = plan.layout
         self.prompt_len = plan.tokens.lengths.astype(np.int64)
         self.max_tokens = np.array([r.sampling.max_tokens for r in plan.requests], np.int64)
-        self.builder = BatchBuilder(
-            tokens=plan.tokens,
-            node_parent=layout.node_parent,
-            node_len=layout.node_len,
-            node_request=layout.node_request,
-            request_node=layout.request_node,
-        )
+        self.builder = BatchBuilder(tokens=plan.tokens, forest=layout.forest, node_request=layout.node_request)
 
     def run(self, writer: Writer, metrics: Metrics | None = None, skip_ids: set[str] | frozenset[str] = frozenset()
             ) -> RunSummary:
@@ -147,15 +141,12 @@ class _Run:
             self._fail(r, "context_length_exceeded", message)
         is_skipped[list(too_long)] = True
         layout = plan.layout
+        kv = KVAccounting(layout.forest, prompt_len=engine.prompt_len, max_tokens=engine.max_tokens)
         self.scheduler = Scheduler(
-            node_parent=layout.node_parent,
-            node_len=layout.node_len,
-            request_node=layout.request_node,
+            kv=kv,
             order=layout.order,
-            prompt_len=engine.prompt_len,
-            max_tokens=engine.max_tokens,
             is_skipped=is_skipped,
-            config=SchedulerConfig(num_slots=self._num_slots(is_skipped), max_step_tokens=engine.max_step_tokens),
+            config=SchedulerConfig(num_slots=self._num_slots(kv, is_skipped), max_step_tokens=engine.max_step_tokens),
         )
         self.kv = KVCache(
             num_layers=cfg.num_layers,
@@ -179,13 +170,11 @@ class _Run:
             decode=functools.partial(engine.tokenizer.decode, skip_special_tokens=True),
         )
 
-    def _num_slots(self, is_skipped: np.ndarray) -> int:
+    def _num_slots(self, kv: KVAccounting, is_skipped: np.ndarray) -> int:
         """The budget in tokens, capped at what the plan could ever hold at once (a small job on a large
         budget does not allocate the whole budget)."""
-        engine = self.engine
-        by_budget = engine.kv_budget_bytes // engine.config.kv_bytes_per_token
-        own = engine.prompt_len - shared_len(engine.plan.layout) + engine.max_tokens
-        return int(min(by_budget, own[~is_skipped].sum() + segment_len(engine.plan.layout).sum()))
+        by_budget = self.engine.kv_budget_bytes // self.engine.config.kv_bytes_per_token
+        return int(min(by_budget, kv.request_tokens[~is_skipped].sum() + kv.node_tokens.sum()))
 
     # -- the loop ------------------------------------------------------------------------------------------
 

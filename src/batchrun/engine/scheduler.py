@@ -1,7 +1,7 @@
 """Admission under the KV budget in plan order, and what each step computes (pure bookkeeping, no torch).
 
-KV accounting is the planner's: each resident shared node once (its own segment), plus per admitted request
-its own prompt tokens and max_tokens, reserved at admission and released when it finishes.
+KV accounting is kv_accounting's, as in the plan: each resident shared node once (its own segment), plus per
+admitted request its own prompt tokens and max_tokens, reserved at admission and released when it finishes.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
+
+from batchrun.kv_accounting import KVAccounting
 
 
 @dataclass(frozen=True)
@@ -59,42 +61,19 @@ class Scheduler:
     its reservation and returns the nodes that it was the last unfinished member of.
     """
 
-    def __init__(
-        self,
-        *,
-        node_parent: np.ndarray,
-        node_len: np.ndarray,
-        request_node: np.ndarray,
-        order: np.ndarray,
-        prompt_len: np.ndarray,
-        max_tokens: np.ndarray,
-        is_skipped: np.ndarray,
-        config: SchedulerConfig,
-    ) -> None:
+    def __init__(self, *, kv: KVAccounting, order: np.ndarray, is_skipped: np.ndarray, config: SchedulerConfig
+                 ) -> None:
         self.config = config
-        self.node_parent = np.asarray(node_parent, np.int64)
-        num_nodes, num_requests = len(node_parent), len(request_node)
-        assert np.all(self.node_parent < np.arange(num_nodes)), "nodes must be topologically ordered"
-        node_len = np.asarray(node_len, np.int64)
-        self.node_start = _end_of(self.node_parent, node_len)
-        self.node_end = node_len
-        self.request_node = np.asarray(request_node, np.int64)
-        self.own_start = _end_of(self.request_node, node_len)
-        self.prompt_len = np.asarray(prompt_len, np.int64)
-        self.max_tokens = np.asarray(max_tokens, np.int64)
-        assert np.all(self.own_start < self.prompt_len), "every request keeps at least one own prompt token"
-        assert np.all(self.max_tokens >= 1)
+        self.kv = kv
+        self.forest = kv.forest
+        num_nodes, num_requests = self.forest.num_nodes, self.forest.num_requests
+        assert np.all(kv.decode_tokens >= 1), "every request generates at least one token"
         self.order = np.asarray(order, np.int64)
         self.plan_pos = np.empty(num_requests, np.int64)
         self.plan_pos[self.order] = np.arange(num_requests)
         # Unfinished members of each node (skipped requests do not count): a node is freed at zero.
         self.is_skipped = np.asarray(is_skipped, bool)
-        self.num_members = np.bincount(
-            self.request_node[(self.request_node >= 0) & ~self.is_skipped], minlength=num_nodes
-        ).astype(np.int64)
-        for n in range(num_nodes - 1, -1, -1):
-            if self.node_parent[n] >= 0:
-                self.num_members[self.node_parent[n]] += self.num_members[n]
+        self.num_members = self.forest.num_readers(np.flatnonzero(~self.is_skipped))
         self.is_resident = np.zeros(num_nodes, bool)
         self.was_resident = np.zeros(num_nodes, bool)
         self.is_admitted = np.zeros(num_requests, bool)
@@ -109,24 +88,13 @@ class Scheduler:
 
     # -- queries -------------------------------------------------------------------------------------------
 
-    def chain(self, request: int) -> list[int]:
-        """Shared nodes a request reads, top level first."""
-        return self.node_chain(int(self.request_node[request]))
-
-    def node_chain(self, node: int) -> list[int]:
-        """`node` and its ancestors, top level first ([] for -1)."""
-        out = []
-        while node >= 0:
-            out.append(node)
-            node = int(self.node_parent[node])
-        return out[::-1]
-
     def node_tokens(self, node: int) -> int:
-        return int(self.node_end[node] - self.node_start[node])
+        """A resident node's segment: what admission reserves for it."""
+        return int(self.kv.node_tokens[node])
 
     def request_tokens(self, request: int) -> int:
         """Own prompt tokens plus max_tokens: what admission reserves for the request itself."""
-        return int(self.prompt_len[request] - self.own_start[request] + self.max_tokens[request])
+        return int(self.kv.request_tokens[request])
 
     @property
     def is_done(self) -> bool:
@@ -178,14 +146,15 @@ class Scheduler:
             if self.is_skipped[r]:
                 self.next_pos += 1
                 continue
-            new_nodes = [n for n in self.chain(r) if not self.is_resident[n]]
+            chain = self.forest.request_chain(r)
+            new_nodes = [n for n in chain if not self.is_resident[n]]
             cost = sum(self.node_tokens(n) for n in new_nodes) + self.request_tokens(r)
             if self.num_reserved + cost > self.config.num_slots:
                 if self.num_running > 0:
                     break  # wait for running work to finish and free its tokens
                 # Nothing runs: what is resident belongs to r's own chain (members of a node are contiguous
                 # in the plan order), so r can never fit.
-                assert all(self.is_resident[n] == (n in self.chain(r)) for n in np.flatnonzero(self.is_resident))
+                assert all(self.is_resident[n] == (n in chain) for n in np.flatnonzero(self.is_resident))
                 rejected.append(r)
                 self.is_done_pos[self.next_pos] = True
                 self.next_pos += 1
@@ -194,10 +163,10 @@ class Scheduler:
             for n in new_nodes:
                 assert not self.was_resident[n], f"node {n} made resident twice"
                 self.is_resident[n] = self.was_resident[n] = True
-                self.queue.append(_Item(True, n, int(self.node_start[n]), int(self.node_end[n])))
+                self.queue.append(_Item(True, n, int(self.forest.node_start[n]), int(self.forest.node_len[n])))
                 admitted_nodes.append(n)
             self.is_admitted[r] = True
-            self.queue.append(_Item(False, r, int(self.own_start[r]), int(self.prompt_len[r])))
+            self.queue.append(_Item(False, r, int(self.forest.own_start[r]), int(self.kv.prompt_len[r])))
             admitted.append(r)
             self.num_reserved += cost
             self.num_running += 1
@@ -206,7 +175,7 @@ class Scheduler:
 
     def _release_chain(self, request: int) -> list[int]:
         freed = []
-        for n in self.chain(request):
+        for n in self.forest.request_chain(request):
             self.num_members[n] -= 1
             assert self.num_members[n] >= 0
             if self.num_members[n] == 0 and self.is_resident[n]:
@@ -242,8 +211,3 @@ class Scheduler:
         assert 0 <= self.num_reserved <= self.config.num_slots, (self.num_reserved, self.config.num_slots)
         assert self.num_running >= 0
 
-
-def _end_of(node: np.ndarray, node_len: np.ndarray) -> np.ndarray:
-    """node_len[node], 0 where node is -1."""
-    padded = np.r_[node_len, 0]  # index -1 reads the appended 0
-    return padded[node]
