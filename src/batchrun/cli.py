@@ -95,7 +95,7 @@ def plan(
     """Tokenize INPUT, find the prompt prefixes requests share, group and order them, and write a plan."""
     from batchrun.model.spec import resolve_model
     from batchrun.plan_view import plan_summary_json, render_plan_groups, render_plan_summary
-    from batchrun.planfile import load_plan, save_plan
+    from batchrun.planfile import check_plan_target, load_plan, save_plan
     from batchrun.planner import PlannerConfig
     from batchrun.planning import build_plan
     from batchrun.sizes import parse_size
@@ -111,11 +111,12 @@ def plan(
         return
     if input is None:
         raise UserError("give the INPUT file to plan (or --show PLAN to look at a plan)", exit_code=2)
+    target = output or input.with_suffix(".plan")
+    check_plan_target(target, input_path=input)
     spec = resolve_model(model, dtype=dtype)
     config = PlannerConfig(kv_budget_bytes=parse_size(kv_budget), min_prefix_len=min_prefix_len,
                            max_levels=max_levels, share=share)
     made = build_plan(input, spec, load_tokenizer(spec), config)
-    target = output or input.with_suffix(".plan")
     save_plan(made, target)
     if json:
         _print_json({**plan_summary_json(made.header), "plan": str(target)})

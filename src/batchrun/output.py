@@ -77,10 +77,12 @@ class OutputWriter:
     # --- resume -----------------------------------------------------------------------------------------
 
     def _resume(self, path: Path) -> None:
-        self.num_torn_bytes += repair_torn_tail(path)
-        for line_no, obj in iter_jsonl(path, allow_torn_tail=False):
+        # Every line is read as an output line before the torn tail is cut: a file that is not batchrun
+        # output is refused (UserError) before a byte of it changes.
+        for line_no, obj in iter_jsonl(path, allow_torn_tail=True):
             self._note(obj, where=f"{path}:{line_no}")
             self.num_resumed += 1
+        self.num_torn_bytes += repair_torn_tail(path)
 
     def _note(self, obj: dict[str, Any], *, where: str) -> None:
         error = obj.get("error")

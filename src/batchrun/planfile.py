@@ -35,8 +35,23 @@ _REQUEST_FIELDS = tuple(f.name for f in dataclasses.fields(Request) if f.name !=
 _SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 
 
+def check_plan_target(path: Path, *, input_path: Path) -> None:
+    """Refuses (UserError) to write a plan to `path` unless it is new or an old plan: never the input, a
+    folder, or any other file that batchrun did not write."""
+    if path.is_dir():
+        raise UserError(f"{path} is a folder: give the plan file's path (e.g. {path / 'job.plan'})", exit_code=2)
+    if not path.exists():
+        return
+    if os.path.samefile(path, input_path):
+        raise UserError(f"{path} is the input file: give the plan another name (-o JOB.plan)", exit_code=2)
+    if not path.is_file() or not _starts_with_magic(path):
+        raise UserError(f"{path} exists and is not a batchrun plan: batchrun writes only over an old plan; "
+                        "choose another name (-o JOB.plan)", exit_code=2)
+
+
 def save_plan(plan: Plan, path: Path) -> None:
-    """Writes the plan atomically (see write_container)."""
+    """Writes the plan atomically (see write_container), where check_plan_target allows."""
+    check_plan_target(path, input_path=Path(plan.header.input_path))
     records = {
         "requests": [_request_record(r) for r in plan.requests],
         "invalid": [list(dataclasses.astuple(r)) for r in plan.invalid],
@@ -174,6 +189,11 @@ def read_arrays(path: Path, header: dict[str, Any], base: int) -> dict[str, np.n
         else:
             arrays[name] = np.memmap(path, dtype=dtype, mode="r", offset=base + entry["offset"], shape=shape)
     return arrays
+
+
+def _starts_with_magic(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(len(MAGIC)) == MAGIC
 
 
 def _aligned(offset: int) -> int:

@@ -20,9 +20,8 @@ from batchrun.distributed.messages import FLUSH_RESULTS
 from batchrun.distributed.units import TAIL_UNITS_PER_WORKER
 from batchrun.errors import UserError
 from batchrun.model.spec import ModelSpec
-from batchrun.plan_checks import check_same_plan
 from batchrun.planfile import load_plan
-from batchrun.runner import RunOutcome, open_run, plan_model
+from batchrun.runner import RunOutcome, check_output, open_run, plan_model
 
 
 @dataclass(frozen=True)
@@ -64,7 +63,7 @@ def run_distributed(plan_path: Path, output: Path, *, errors_path: Path | None, 
     ray = _import_ray()
     plan = load_plan(plan_path)
     spec = plan_model(plan, model)
-    check_same_plan(output, plan.header.fingerprint)  # before starting Ray: a mistake fails fast
+    check_output(plan, plan_path, output, errors_path=errors_path)  # before starting Ray: fails fast
     is_owner = not ray.is_initialized()
     if is_owner:
         _start_ray(ray, device=device, workers=workers, ray_address=ray_address)
@@ -88,7 +87,8 @@ def run_distributed(plan_path: Path, output: Path, *, errors_path: Path | None, 
                         f"{dispatcher.last_loss}); the results so far are in {output}: run again to resume")
     return ClusterOutcome(
         num_requests=run.total, num_resumed=run.num_resumed, num_completed=dispatcher.num_completed,
-        num_failed=run.progress.num_failed, output_tokens=run.progress.output_tokens,
+        num_failed=run.progress.num_failed, num_resumed_failed=run.num_resumed_failed,
+        output_tokens=run.progress.output_tokens,
         wall_seconds=dispatcher.wall_seconds,
         num_workers=len(dispatcher.workers), num_workers_lost=dispatcher.num_lost,
         num_units=dispatcher.num_units_done, num_requeued=dispatcher.num_requeued,
