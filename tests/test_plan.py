@@ -282,3 +282,31 @@ def _rewrite_sections(path: Path, target: Path, name: str, entry: dict) -> None:
     new_base = planfile._aligned(len(planfile.MAGIC) + 8 + len(head) + planfile.DIGEST_SIZE)
     start = planfile.MAGIC + len(head).to_bytes(8, "little") + head + bytes.fromhex(planfile._digest(head))
     target.write_bytes(start.ljust(new_base, b"\0") + path.read_bytes()[base:])
+
+
+def test_a_chat_template_that_fails_fails_its_line_only(tmp_path: Path) -> None:
+    from batchrun.requests import InputReader
+    from batchrun.tokenizer import EncodeError, encode_lines
+
+    class Template:  # a model's template raising what jinja's TemplateError does not cover
+        chat_template = "{{ messages }}"
+
+        def apply_chat_template(self, messages, **kwargs):
+            raise TypeError("can only concatenate str (not 'int') to str")
+
+    path = write(tmp_path, [{"id": "a", "messages": [{"role": "user", "content": "hi"}]}])
+    (result,) = encode_lines(Template(), list(InputReader(path)))
+    assert isinstance(result, EncodeError) and "TypeError" in str(result)
+
+
+def test_tokens_outside_the_models_vocabulary_are_error_records(tmp_path: Path, spec, tokenizer) -> None:
+    small = dataclasses.replace(spec, config=dataclasses.replace(spec.config, vocab_size=5))
+    plan = build_plan(write(tmp_path, [{"id": "a", "prompt": "hello there"}]), small, tokenizer, config())
+    assert not plan.requests and [r.code for r in plan.invalid] == ["invalid_prompt"]
+    assert "outside the model's vocabulary of 5" in plan.invalid[0].message
+
+
+def test_parse_size_refuses_an_infinite_size() -> None:
+    with pytest.raises(UserError, match="too large") as e:
+        parse_size("1e400")
+    assert e.value.exit_code == 2

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from batchrun.dtypes import DTYPE_BYTES
 from batchrun.planner import PlanLayout, PlannerConfig
 from batchrun.requests import InvalidLine, Request
 from batchrun.tokens import TokenTable
@@ -76,6 +77,8 @@ class PlanHeader:
             value = getattr(self, f.name)
             if f.type == "str" and not isinstance(value, str):
                 raise ValueError(f"plan header field {f.name!r} is not a string: {value!r}")
+        if self.model_dtype not in DTYPE_BYTES:
+            raise ValueError(f"plan header field 'model_dtype' is not a dtype batchrun runs in: {self.model_dtype!r}")
         if not _is_count(self.kv_bytes_per_token) or self.kv_bytes_per_token == 0:
             raise ValueError("plan header field 'kv_bytes_per_token' is not a positive integer")
         if not isinstance(self.params, PlannerConfig) or not isinstance(self.summary, PlanSummary):

@@ -11,6 +11,7 @@ from batchrun.metrics import metrics_path_for
 from batchrun.model.spec import ModelSpec
 from batchrun.plan import PlanHeader
 from batchrun.stats import load_segments
+from batchrun.tokens import TokenTable
 
 
 def check_plan(header: PlanHeader, *, input_fingerprint: str | None, model: ModelSpec) -> None:
@@ -22,6 +23,13 @@ def check_plan(header: PlanHeader, *, input_fingerprint: str | None, model: Mode
         raise UserError(f"model {model.name!r} is not the model the plan was made for ({header.model_name!r}, "
                         f"fingerprint {header.model_fingerprint}, this one {model.fingerprint}); "
                         "use that model or make the plan again")
+
+
+def check_plan_tokens(tokens: TokenTable, *, model: ModelSpec) -> None:
+    """Refuses a plan holding a token id outside the model's embedding (planning makes none: damaged)."""
+    if len(tokens.tokens) and (int(tokens.tokens.min()) < 0 or int(tokens.tokens.max()) >= model.config.vocab_size):
+        raise UserError(f"the plan holds token ids outside model {model.name!r}'s vocabulary of "
+                        f"{model.config.vocab_size}: the plan file is damaged (make it again with batchrun plan)")
 
 
 def check_same_plan(output_path: str | os.PathLike[str], plan_fingerprint: str) -> str | None:

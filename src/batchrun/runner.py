@@ -20,7 +20,7 @@ from batchrun.metrics import MetricsRecorder, metrics_path_for
 from batchrun.model.spec import ModelSpec, resolve_model
 from batchrun.output import OutputWriter
 from batchrun.plan import Plan
-from batchrun.plan_checks import check_plan
+from batchrun.plan_checks import check_plan, check_plan_tokens
 from batchrun.planfile import load_plan
 from batchrun.progress import ProgressWriter
 from batchrun.requests import file_fingerprint
@@ -61,6 +61,7 @@ def plan_model(plan: Plan, model: str | None) -> ModelSpec:
     """The model to run: the one the plan names, or `model` (another copy of it); refused if it differs."""
     spec = resolve_model(model or plan.header.model_path, dtype=plan.header.model_dtype)
     check_plan(plan.header, input_fingerprint=file_fingerprint(Path(plan.header.input_path)), model=spec)
+    check_plan_tokens(plan.tokens, model=spec)
     return spec
 
 
