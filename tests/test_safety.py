@@ -4,8 +4,10 @@ once never write an id twice, and a resume keeps the first run's errors file and
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -87,3 +89,43 @@ def test_resume_keeps_the_errors_file_and_the_failed_status(tmp_path) -> None:
     assert len(lines(errors)) == num_errors and [r["id"] for r in lines(out)] == ["ok-1"]
     other = batchrun("run", "--plan", str(plan_path), "-o", str(out), "--errors", str(tmp_path / "e2.jsonl"))
     assert_refused(other, "wrote their error lines to")
+
+
+def test_sigterm_during_run_is_handled_as_ctrl_c_and_resumes(job, tmp_path) -> None:
+    _, plan_path = job
+    out = tmp_path / "out.jsonl"
+    args = [sys.executable, "-m", "batchrun", "run", "--plan", str(plan_path), "-o", str(out), "--threads", "1"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out.exists() and out.read_text().count("\n") >= 3):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143 and "interrupted: what was written is kept" in stderr, stderr
+    assert "Traceback" not in stderr and 3 <= len(lines(out)) < 30
+    result = batchrun("run", "--plan", str(plan_path), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    ids = [r["id"] for r in lines(out)]
+    assert len(ids) == 30 and len(set(ids)) == 30
+
+
+def test_sigint_during_plan_is_one_message_and_leaves_no_file(tmp_path) -> None:
+    input_path = tmp_path / "big.jsonl"
+    input_path.write_text((SAMPLE / "requests.jsonl").read_text() * 200)  # long enough to be mid-way
+    args = [sys.executable, "-m", "batchrun", "plan", str(input_path), "-o", str(tmp_path / "big.plan")]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(6)
+    proc.send_signal(signal.SIGINT)
+    stderr = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 130, (proc.returncode, stderr)
+    assert stderr.strip().splitlines() == ["interrupted: what was written is kept; run the same command again to "
+                                           "resume"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.jsonl"]
+
+
+def test_bad_options_exit_2_in_one_line(tmp_path) -> None:
+    input_path = tmp_path / "in.jsonl"
+    input_path.write_text('{"prompt": "x"}\n')
+    for option in (["--kv-budget", "1e400"], ["--dtype", "int8"]):
+        result = batchrun("plan", str(input_path), *option)
+        assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
