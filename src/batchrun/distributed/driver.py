@@ -18,6 +18,7 @@ from rich.console import Console
 from batchrun.distributed.dispatch import BatchEvent, Dispatcher
 from batchrun.distributed.messages import FLUSH_RESULTS
 from batchrun.distributed.units import TAIL_UNITS_PER_WORKER
+from batchrun.distributed.watchdog import Watchdog, child_pids
 from batchrun.errors import UserError
 from batchrun.model.spec import ModelSpec
 from batchrun.planfile import load_plan
@@ -65,8 +66,11 @@ def run_distributed(plan_path: Path, output: Path, *, errors_path: Path | None, 
     spec = plan_model(plan, model)
     check_output(plan, plan_path, output, errors_path=errors_path)  # before starting Ray: fails fast
     is_owner = not ray.is_initialized()
+    watchdog = None
     if is_owner:
         _start_ray(ray, device=device, workers=workers, ray_address=ray_address)
+        if ray_address is None:  # a local cluster: its processes are this process's children
+            watchdog = Watchdog(child_pids(os.getpid()))
     try:
         cluster = _cluster_spec(ray, device=device, workers=workers, cpus_per_worker=cpus_per_worker)
         with open_run(plan, plan_path, output, errors_path=errors_path, spec=spec,
@@ -82,6 +86,8 @@ def run_distributed(plan_path: Path, output: Path, *, errors_path: Path | None, 
     finally:
         if is_owner:
             ray.shutdown()
+        if watchdog is not None:
+            watchdog.release()
     if dispatcher.has_work_left:
         raise UserError(f"every worker died ({dispatcher.num_lost} of {cluster.num_workers}; the last: "
                         f"{dispatcher.last_loss}); the results so far are in {output}: run again to resume")
