@@ -375,11 +375,7 @@ def test_resume_after_the_driver_is_killed(job: Job, cluster: None, tmp_path: Pa
     driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(job.plan), str(out)], start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 90
-        while not (out.is_file() and out.read_bytes().count(b"\n") >= 4):
-            assert driver.poll() is None, driver.stderr.read().decode() if driver.stderr else ""
-            assert time.monotonic() < deadline, "the driver wrote nothing in 90 s"
-            time.sleep(0.05)
+        _wait_for_lines(driver, out, 4)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
@@ -397,11 +393,7 @@ def test_the_local_ray_cluster_goes_when_the_driver_is_killed(job: Job, cluster:
     driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(job.plan), str(out)], start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 90
-        while not (out.is_file() and out.read_bytes().count(b"\n") >= 2):
-            assert driver.poll() is None, driver.stderr.read().decode() if driver.stderr else ""
-            assert time.monotonic() < deadline, "the driver wrote nothing in 90 s"
-            time.sleep(0.05)
+        _wait_for_lines(driver, out, 2)
         ray_pids = [p for p in descendants([driver.pid]) if p != driver.pid and _is_ray(p)]
         assert ray_pids, "a local cluster runs under its driver"
         os.kill(driver.pid, signal.SIGKILL)
@@ -412,6 +404,14 @@ def test_the_local_ray_cluster_goes_when_the_driver_is_killed(job: Job, cluster:
         assert not alive, f"Ray processes left running: {alive}"
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # whatever is left of its group (nothing, if the test passed)
+
+
+def _wait_for_lines(driver: subprocess.Popen, out: Path, num_lines: int) -> None:
+    deadline = time.monotonic() + 90
+    while not (out.is_file() and out.read_bytes().count(b"\n") >= num_lines):
+        assert driver.poll() is None, driver.stderr.read().decode() if driver.stderr else ""
+        assert time.monotonic() < deadline, "the driver wrote nothing in 90 s"
+        time.sleep(0.05)
 
 
 def _is_ray(pid: int) -> bool:

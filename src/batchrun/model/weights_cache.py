@@ -57,8 +57,11 @@ def _write_cache(cache: dict) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError:
+        return  # a read-only home: the digest is computed again next time, nothing is wrong
+    try:
         with os.fdopen(fd, "w") as f:
             json.dump(cache, f)
         os.replace(tmp, path)
     except OSError:
-        pass  # a read-only home: the digest is computed again next time, nothing is wrong
+        Path(tmp).unlink(missing_ok=True)  # a full disk: as above
