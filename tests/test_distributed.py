@@ -371,9 +371,7 @@ run_distributed(Path(sys.argv[1]), Path(sys.argv[2]), errors_path=None, model=No
 
 def test_resume_after_the_driver_is_killed(job: Job, cluster: None, tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
-    # Its own session, so that killing the group takes the Ray processes this driver started with it.
-    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(job.plan), str(out)], start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    driver = _start_driver(job, out)
     try:
         _wait_for_lines(driver, out, 4)
     finally:
@@ -390,8 +388,7 @@ def test_the_local_ray_cluster_goes_when_the_driver_is_killed(job: Job, cluster:
     from batchrun.distributed.watchdog import descendants
 
     out = tmp_path / "out.jsonl"
-    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(job.plan), str(out)], start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    driver = _start_driver(job, out)
     try:
         _wait_for_lines(driver, out, 2)
         ray_pids = [p for p in descendants([driver.pid]) if p != driver.pid and _is_ray(p)]
@@ -404,6 +401,12 @@ def test_the_local_ray_cluster_goes_when_the_driver_is_killed(job: Job, cluster:
         assert not alive, f"Ray processes left running: {alive}"
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # whatever is left of its group (nothing, if the test passed)
+
+
+def _start_driver(job: Job, out: Path) -> subprocess.Popen:
+    # Its own session, so that killing the group takes the Ray processes this driver started with it.
+    return subprocess.Popen([sys.executable, "-c", DRIVER, str(job.plan), str(out)], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def _wait_for_lines(driver: subprocess.Popen, out: Path, num_lines: int) -> None:
