@@ -18,7 +18,7 @@ from rich.console import Console
 from batchrun.distributed.dispatch import BatchEvent, Dispatcher
 from batchrun.distributed.messages import FLUSH_RESULTS
 from batchrun.distributed.units import TAIL_UNITS_PER_WORKER
-from batchrun.distributed.watchdog import Watchdog, child_pids
+from batchrun.distributed.watchdog import Watchdog
 from batchrun.errors import UserError
 from batchrun.model.spec import ModelSpec
 from batchrun.planfile import load_plan
@@ -69,8 +69,8 @@ def run_distributed(plan_path: Path, output: Path, *, errors_path: Path | None, 
     watchdog = None
     if is_owner:
         _start_ray(ray, device=device, workers=workers, ray_address=ray_address)
-        if ray_address is None:  # a local cluster: its processes are this process's children
-            watchdog = Watchdog(child_pids(os.getpid()))
+        if ray_address is None:  # a local cluster: its processes are this process's descendants
+            watchdog = Watchdog()
     try:
         cluster = _cluster_spec(ray, device=device, workers=workers, cpus_per_worker=cpus_per_worker)
         with open_run(plan, plan_path, output, errors_path=errors_path, spec=spec,

@@ -1,25 +1,27 @@
 """Tears down the local Ray cluster a driver started when the driver dies without shutting it down (kill -9,
-OOM): a small process in its own session holds a pipe from the driver, and when the pipe closes without the
-driver's "done" it kills the Ray processes the driver started, and every process they started (Linux /proc).
+OOM): a small process in its own session holds a pipe from the driver and keeps the list of the driver's
+descendants (Linux /proc) fresh; when the pipe closes without the driver's "done", it kills them all.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 DONE = b"done"
+POLL_S = 0.5  # how often the descendants are listed: a process started and orphaned faster is missed
 
 
 class Watchdog:
-    """Watches this process on behalf of `pids` (the Ray processes it started): `release()` before a clean
-    shutdown; if this process dies first, the watchdog kills `pids` and their descendants."""
+    """Watches this process: `release()` before a clean shutdown; if this process dies first, the watchdog
+    kills every process this one had started (Ray's, and what they started)."""
 
-    def __init__(self, pids: list[int]) -> None:
-        self._proc = subprocess.Popen([sys.executable, "-m", "batchrun.distributed.watchdog", *map(str, pids)],
+    def __init__(self) -> None:
+        self._proc = subprocess.Popen([sys.executable, "-m", "batchrun.distributed.watchdog", str(os.getpid())],
                                       stdin=subprocess.PIPE, start_new_session=True)
 
     def release(self) -> None:
@@ -54,10 +56,21 @@ def descendants(pids: list[int]) -> list[int]:
 
 
 def main(argv: list[str]) -> None:
-    message = sys.stdin.buffer.read()  # returns when the driver writes "done" and closes, or dies
+    driver = int(argv[0])
+    known: set[int] = set()
+    message = b""
+    while True:
+        # The driver's descendants are listed while it lives: once it dies they are orphans, not found by it.
+        known |= set(descendants([driver])) - {driver, os.getpid()}
+        if select.select([sys.stdin], [], [], POLL_S)[0]:
+            chunk = os.read(sys.stdin.fileno(), 64)
+            if chunk:
+                message += chunk
+                continue
+            break  # the pipe closed: the driver is gone, or done
     if message == DONE:
         return
-    for pid in descendants([int(a) for a in argv]):
+    for pid in descendants(sorted(known)):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
