@@ -371,15 +371,9 @@ run_distributed(Path(sys.argv[1]), Path(sys.argv[2]), errors_path=None, model=No
 
 def test_resume_after_the_driver_is_killed(job: Job, cluster: None, tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
-    # Its own session, so that killing the group takes the Ray processes this driver started with it.
-    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(job.plan), str(out)], start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    driver = _start_driver(job, out)
     try:
-        deadline = time.monotonic() + 90
-        while not (out.is_file() and out.read_bytes().count(b"\n") >= 4):
-            assert driver.poll() is None, driver.stderr.read().decode() if driver.stderr else ""
-            assert time.monotonic() < deadline, "the driver wrote nothing in 90 s"
-            time.sleep(0.05)
+        _wait_for_lines(driver, out, 4)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
@@ -387,3 +381,51 @@ def test_resume_after_the_driver_is_killed(job: Job, cluster: None, tmp_path: Pa
     assert 4 <= len(partial) < job.num_lines
     outcome = run(job, out)
     assert outcome.num_resumed == len(partial) and output_lines(out) == job.reference
+
+
+def test_the_local_ray_cluster_goes_when_the_driver_is_killed(job: Job, cluster: None, tmp_path: Path) -> None:
+    """kill -9 of the driver alone (not its group): the watchdog kills the Ray processes it had started."""
+    from batchrun.distributed.watchdog import descendants
+
+    out = tmp_path / "out.jsonl"
+    driver = _start_driver(job, out)
+    try:
+        _wait_for_lines(driver, out, 2)
+        ray_pids = [p for p in descendants([driver.pid]) if p != driver.pid and _is_ray(p)]
+        assert ray_pids, "a local cluster runs under its driver"
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+        deadline = time.monotonic() + 30
+        while (alive := [p for p in ray_pids if _is_running(p)]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive, f"Ray processes left running: {alive}"
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # whatever is left of its group (nothing, if the test passed)
+
+
+def _start_driver(job: Job, out: Path) -> subprocess.Popen:
+    # Its own session, so that killing the group takes the Ray processes this driver started with it.
+    return subprocess.Popen([sys.executable, "-c", DRIVER, str(job.plan), str(out)], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _wait_for_lines(driver: subprocess.Popen, out: Path, num_lines: int) -> None:
+    deadline = time.monotonic() + 90
+    while not (out.is_file() and out.read_bytes().count(b"\n") >= num_lines):
+        assert driver.poll() is None, driver.stderr.read().decode() if driver.stderr else ""
+        assert time.monotonic() < deadline, "the driver wrote nothing in 90 s"
+        time.sleep(0.05)
+
+
+def _is_ray(pid: int) -> bool:
+    try:
+        return "watchdog" not in Path(f"/proc/{pid}/cmdline").read_text()
+    except OSError:
+        return False
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

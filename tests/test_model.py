@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -230,3 +231,53 @@ def test_old_and_new_rope_config_layouts_agree(tmp_path):
     assert parsed_new == parsed_old
     assert parsed_new.rope_theta == 500000.0 and parsed_new.rope_scaling is not None
     assert parsed_new.rope_scaling.original_max_position_embeddings == 64
+
+
+def test_fingerprint_covers_the_weights_content_and_is_cached(tmp_path, monkeypatch):
+    from batchrun.model import weights_cache
+
+    path = make_checkpoint(tmp_path, "llama")
+    before = resolve_model(str(path)).fingerprint
+    reads = []
+    monkeypatch.setattr(weights_cache, "CHUNK", 1 << 20)
+    real_open = Path.open
+    monkeypatch.setattr(Path, "open", lambda self, *a, **k: (reads.append(self.name), real_open(self, *a, **k))[1])
+    assert resolve_model(str(path)).fingerprint == before and "model.safetensors" not in reads  # cached
+    weights = path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # the same size: names and sizes alone would not see it
+    weights.write_bytes(bytes(data))
+    assert resolve_model(str(path)).fingerprint != before
+
+
+def test_a_model_that_asks_to_run_its_own_code_is_refused(tmp_path):
+    path = make_checkpoint(tmp_path, "llama")
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "auto_map": {"AutoTokenizer": ["x.Tok", None]}}))
+    with pytest.raises(UserError, match="tokenizer_config.json asks to run the model repository's own code"):
+        resolve_model(str(path))
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    ({"num_attention_heads": 0}, "'num_attention_heads' must be a positive integer"),
+    ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads 3"),
+    ({"num_hidden_layers": -2}, "'num_hidden_layers' must be a positive integer"),
+    ({"hidden_size": "64"}, "'hidden_size' must be a positive integer"),
+    ({"rms_norm_eps": 0}, "'rms_norm_eps' must be a positive number"),
+    ({"eos_token_id": [1, "x"]}, "'eos_token_id' must hold token ids"),
+])
+def test_config_values_out_of_range_are_user_errors(tmp_path, change, match):
+    path = make_checkpoint(tmp_path, "llama")
+    raw = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**raw, **change}))
+    with pytest.raises(UserError, match=match):
+        resolve_model(str(path))
+    (path / "config.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="not a JSON object"):
+        resolve_model(str(path))
+
+
+def test_a_bad_dtype_option_is_a_usage_error():
+    with pytest.raises(UserError, match="int8") as e:
+        resolve_model("builtin-tiny", dtype="int8")
+    assert e.value.exit_code == 2

@@ -213,3 +213,17 @@ def test_exactly_once_across_kills(tmp_path, fmt):
         x["id"] for x in written if "error" not in x
     ]
     assert sorted(ok_ids) == sorted(r.id for r in records if isinstance(r, Request) and r.line % 5)
+
+
+def test_a_full_disk_names_the_file(tmp_path):
+    import os
+
+    from batchrun.jsonl import write_all
+
+    fd = os.open("/dev/full", os.O_WRONLY)  # every write fails with ENOSPC
+    try:
+        with pytest.raises(OSError, match="No space left on device") as e:
+            write_all(fd, b"{}\n", path=tmp_path / "out.jsonl")
+        assert e.value.filename == str(tmp_path / "out.jsonl")
+    finally:
+        os.close(fd)

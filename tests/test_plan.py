@@ -199,3 +199,114 @@ def test_plan_from_another_version_is_a_user_error(tmp_path: Path) -> None:
         load_plan(path)
     with pytest.raises(UserError, match="another version of batchrun"):
         load_plan_header(path)
+
+
+def _same_plan(a, b) -> bool:
+    arrays = [(a.tokens.tokens, b.tokens.tokens), (a.tokens.indptr, b.tokens.indptr)]
+    arrays += [(getattr(a.layout, f.name), getattr(b.layout, f.name)) for f in dataclasses.fields(a.layout)]
+    return (a.header == b.header and a.requests == b.requests and a.invalid == b.invalid
+            and all(np.array_equal(x, y) for x, y in arrays))
+
+
+def test_plan_reader_fuzz_refuses_or_loads_identically(tmp_path: Path, spec, tokenizer) -> None:
+    """Truncations and single-bit flips anywhere in a plan: refused with one UserError, or loaded identical
+    (never a traceback, never a different plan). The checksums make every flip a refusal."""
+    rows = [{"id": f"r{i}", "prompt": "You are a careful assistant. " * 3 + f"Question {i}?"} for i in range(6)]
+    rows.append({"id": "bad", "prompt": 3})
+    plan = build_plan(write(tmp_path, rows), spec, tokenizer, config(min_prefix_len=4))
+    good = tmp_path / "good.plan"
+    save_plan(plan, good)
+    data = good.read_bytes()
+    damaged = tmp_path / "damaged.plan"
+    rng = np.random.default_rng(0)
+    cuts = [*range(0, 200, 7), *rng.integers(0, len(data), 60).tolist()]
+    flips = rng.integers(0, len(data) * 8, 400).tolist()
+    header, base = planfile.read_header(good)
+    is_content = np.zeros(len(data), bool)  # every byte but the alignment padding between sections
+    is_content[:len(planfile.MAGIC) + 8 + int.from_bytes(data[14:22], "little") + planfile.DIGEST_SIZE] = True
+    for entry in header["sections"].values():
+        is_content[base + entry["offset"]: base + entry["offset"] + entry["nbytes"]] = True
+    for variant, changed in [(data[:n], True) for n in cuts] + [(_flip(data, b), is_content[b // 8]) for b in flips]:
+        damaged.write_bytes(variant)
+        try:
+            loaded = load_plan(damaged)
+        except UserError as e:
+            assert "\n" not in str(e)
+            continue
+        assert not changed and _same_plan(loaded, plan)
+
+
+def _flip(data: bytes, bit: int) -> bytes:
+    out = bytearray(data)
+    out[bit // 8] ^= 1 << (bit % 8)
+    return bytes(out)
+
+
+def test_crafted_plans_with_valid_checksums_are_refused(tmp_path: Path, spec, tokenizer) -> None:
+    """A plan re-written with recomputed checksums but bad contents: an object dtype (numpy would
+    dereference pointers), a huge shape, an index out of range, a sampling value out of range, a bad header."""
+    plan = build_plan(write(tmp_path, [{"id": "a", "prompt": "hello"}, {"id": "b", "prompt": "hello"}]),
+                      spec, tokenizer, config())
+    path = tmp_path / "p.plan"
+    save_plan(plan, path)
+    header, base = planfile.read_header(path)
+    records = planfile.read_records(path, header, base)
+    arrays = planfile.read_arrays(path, header, base)
+    head = {k: v for k, v in header.items() if k not in ("format_version", "sections")}
+    crafted = tmp_path / "c.plan"
+
+    def refused(match: str, *, header_only: bool = False) -> None:
+        with pytest.raises(UserError, match=f"the plan file is damaged: .*{match}"):
+            (load_plan_header if header_only else load_plan)(crafted)
+
+    for entry, match in (({"dtype": "|O"}, "dtype"), ({"shape": [1 << 40]}, "size disagree"),
+                         ({"offset": -64}, "malformed")):
+        _rewrite_sections(path, crafted, "tokens", entry)
+        refused(match, header_only=True)
+    planfile.write_container(crafted, head, records, {**arrays, "layout.order": np.array([0, 7], np.int32)})
+    refused("order")
+    bad = {**records, "requests": [r[:7] + [1e-40] + r[8:] for r in records["requests"]]}
+    planfile.write_container(crafted, head, bad, arrays)
+    refused("temperature")
+    planfile.write_container(crafted, {**head, "plan": {**head["plan"], "kv_bytes_per_token": -1}}, records, arrays)
+    refused("kv_bytes_per_token", header_only=True)
+    planfile.write_container(crafted, {**head, "plan": {**head["plan"], "summary": [1]}}, records, arrays)
+    refused("summary", header_only=True)
+
+
+def _rewrite_sections(path: Path, target: Path, name: str, entry: dict) -> None:
+    """`path` with section `name`'s entry changed and the header's checksum recomputed."""
+    header, base = planfile.read_header(path)
+    header["sections"][name] |= entry
+    head = orjson.dumps(header)
+    new_base = planfile._aligned(len(planfile.MAGIC) + 8 + len(head) + planfile.DIGEST_SIZE)
+    start = planfile.MAGIC + len(head).to_bytes(8, "little") + head + bytes.fromhex(planfile._digest(head))
+    target.write_bytes(start.ljust(new_base, b"\0") + path.read_bytes()[base:])
+
+
+def test_a_chat_template_that_fails_fails_its_line_only(tmp_path: Path) -> None:
+    from batchrun.requests import InputReader
+    from batchrun.tokenizer import EncodeError, encode_lines
+
+    class Template:  # a model's template raising what jinja's TemplateError does not cover
+        chat_template = "{{ messages }}"
+
+        def apply_chat_template(self, messages, **kwargs):
+            raise TypeError("can only concatenate str (not 'int') to str")
+
+    path = write(tmp_path, [{"id": "a", "messages": [{"role": "user", "content": "hi"}]}])
+    (result,) = encode_lines(Template(), list(InputReader(path)))
+    assert isinstance(result, EncodeError) and "TypeError" in str(result)
+
+
+def test_tokens_outside_the_models_vocabulary_are_error_records(tmp_path: Path, spec, tokenizer) -> None:
+    small = dataclasses.replace(spec, config=dataclasses.replace(spec.config, vocab_size=5))
+    plan = build_plan(write(tmp_path, [{"id": "a", "prompt": "hello there"}]), small, tokenizer, config())
+    assert not plan.requests and [r.code for r in plan.invalid] == ["invalid_prompt"]
+    assert "outside the model's vocabulary of 5" in plan.invalid[0].message
+
+
+def test_parse_size_refuses_an_infinite_size() -> None:
+    with pytest.raises(UserError, match="too large") as e:
+        parse_size("1e400")
+    assert e.value.exit_code == 2

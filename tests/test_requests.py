@@ -88,6 +88,17 @@ BAD_LINES = [
      '[{"role": "user", "content": "a"}]}}', "unsupported_value", "body.stream"),
     ('{"custom_id": "c", "url": "/v1/completions", "body": {"prompt": "a", "n": 2}}', "unsupported_value",
      "body.n"),
+    # values that used to overflow in float32, parse as another type, or abort the whole plan
+    ('{"id": "x", "prompt": "a", "temperature": 1e-40}', "invalid_value", "temperature"),
+    ('{"id": "x", "prompt": "a", "top_p": 1e-46}', "invalid_value", "top_p"),
+    ('{"id": "x", "prompt": "a", "temperature": 1e400}', "invalid_value", "temperature"),
+    ('{"id": "x", "prompt": "a", "max_tokens": 1e400}', "invalid_type", "max_tokens"),
+    ('{"id": "x", "prompt": "a", "max_tokens": 1' + "0" * 30 + '}', "invalid_type", "max_tokens"),
+    ('{"id": "x", "prompt": "a", "seed": 18446744073709551615}', "invalid_value", "seed"),
+    ('{"id": "x", "prompt": "a", "temperature": NaN}', "invalid_json", None),
+    ('{"custom_id": "c", "url": "/v1/completions", "body": {"prompt": "a", "n": true}}', "invalid_type", "body.n"),
+    ('{"custom_id": "c", "url": ["/v1/completions"], "body": {"prompt": "a"}}', "unsupported_url", "url"),
+    ('{"custom_id": "c", "url": {"a": 1}, "body": {"prompt": "a"}}', "unsupported_url", "url"),
 ]
 
 
@@ -130,3 +141,30 @@ def test_fingerprint_matches_file_hash(tmp_path: Path) -> None:
 def test_missing_file_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="no such file"):
         list(InputReader(tmp_path / "absent.jsonl"))
+
+
+def test_a_bom_on_the_first_line_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"id": "a", "prompt": "hi"}\n{"id": "b", "prompt": "ho"}\n')
+    records = list(InputReader(path))
+    assert [r.request.id for r in records if isinstance(r, ParsedLine)] == ["a", "b"]
+
+
+def test_the_format_is_told_by_custom_id_alone(tmp_path: Path) -> None:
+    """A plain line with an extra `url` or `body` field keeps its id and its prompt (other fields are ignored)."""
+    records = read(tmp_path, ['{"id": "p1", "prompt": "hi", "url": "https://example.com"}',
+                              '{"id": "p2", "prompt": "hi", "body": "text"}'])
+    assert [(r.request.id, r.request.format) for r in records] == [("p1", "plain"), ("p2", "plain")]
+
+
+def test_64_bit_seeds_are_kept(tmp_path: Path) -> None:
+    for seed in (2**63 - 1, -(2**63), 2**32 + 1):
+        record = one(tmp_path, {"prompt": "a", "seed": seed})
+        assert isinstance(record, ParsedLine) and record.request.sampling.seed == seed
+
+
+def test_an_input_that_is_not_a_regular_file_is_refused() -> None:
+    with pytest.raises(UserError, match="not a regular file"):
+        list(InputReader(Path("/dev/zero")))
+    with pytest.raises(UserError, match="not a regular file"):
+        file_fingerprint(Path("/dev/zero"))

@@ -63,3 +63,16 @@ def test_min_tokens_suppresses_eos():
     sampler = Sampler([_params(temperature=0.0, min_tokens=3)] * 2, eos_token_ids=[EOS])
     tokens = sampler.sample(logits, np.array([0, 1]), np.array([2, 3]))
     assert tokens[0] != EOS and tokens[1] == EOS
+
+
+def test_64_bit_seeds_draw_their_own_streams_on_the_cpu():
+    logits = torch.zeros(1, 1000)  # uniform: the draw is the noise alone
+    seeds = [1, 2**32 + 1, -1, 2**32 - 1, 2**63 - 1, -(2**63)]
+
+    def draws(seed: int) -> list[int]:
+        sampler = Sampler([_params(temperature=1.0, seed=seed)], eos_token_ids=[EOS])
+        return [int(sampler.sample(logits.clone(), np.array([0]), np.array([i]))[0]) for i in range(8)]
+
+    streams = [draws(s) for s in seeds]
+    assert len({tuple(d) for d in streams}) == len(seeds)
+    assert draws(2**32 + 1) == streams[1]  # still reproducible

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -13,7 +15,7 @@ import typer
 from rich.console import Console
 
 from batchrun import __version__, defaults
-from batchrun.errors import EXIT_FAILED, EXIT_INPUT, EXIT_INTERRUPTED, UserError
+from batchrun.errors import EXIT_FAILED, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED, UserError
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -38,19 +40,47 @@ def user_errors(command: F) -> F:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return command(*args, **kwargs)
+            with interrupt_on_signals():
+                return command(*args, **kwargs)
         except UserError as e:
             err.print(f"[bold red]error:[/] {e}", highlight=False)
             raise typer.Exit(e.exit_code) from None
         except OSError as e:  # a full disk, a missing permission: the file and the reason say it all
-            err.print(f"[bold red]error:[/] {e.filename or ''}: {e.strerror or e}", highlight=False)
+            where = f"{e.filename}: " if e.filename else ""
+            err.print(f"[bold red]error:[/] {where}{e.strerror or e}", highlight=False)
             raise typer.Exit(EXIT_INPUT) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (interrupt_on_signals)
             err.print("interrupted: what was written is kept; run the same command again to resume",
                       highlight=False)
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+            raise typer.Exit(EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: the same message, and the run resumes when started again."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def interrupt_on_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM raise in the main thread for the command's duration (whatever handler a library
+    left), so `finally` blocks run: output fsynced, a plan's temporary file removed."""
+
+    def raise_interrupt(signum: int, frame: object) -> None:
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise Terminated(signum)
+
+    previous = {s: signal.signal(s, raise_interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _version(value: bool) -> None:
@@ -95,7 +125,7 @@ def plan(
     """Tokenize INPUT, find the prompt prefixes requests share, group and order them, and write a plan."""
     from batchrun.model.spec import resolve_model
     from batchrun.plan_view import plan_summary_json, render_plan_groups, render_plan_summary
-    from batchrun.planfile import load_plan, save_plan
+    from batchrun.planfile import check_plan_target, load_plan, save_plan
     from batchrun.planner import PlannerConfig
     from batchrun.planning import build_plan
     from batchrun.sizes import parse_size
@@ -111,11 +141,12 @@ def plan(
         return
     if input is None:
         raise UserError("give the INPUT file to plan (or --show PLAN to look at a plan)", exit_code=2)
+    target = output or input.with_suffix(".plan")
+    check_plan_target(target, input_path=input)
     spec = resolve_model(model, dtype=dtype)
     config = PlannerConfig(kv_budget_bytes=parse_size(kv_budget), min_prefix_len=min_prefix_len,
                            max_levels=max_levels, share=share)
     made = build_plan(input, spec, load_tokenizer(spec), config)
-    target = output or input.with_suffix(".plan")
     save_plan(made, target)
     if json:
         _print_json({**plan_summary_json(made.header), "plan": str(target)})

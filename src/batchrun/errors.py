@@ -7,6 +7,7 @@ EXIT_FAILED = 1  # the job ran but some requests failed (error lines were writte
 EXIT_USAGE = 2  # bad options or arguments (typer's own code)
 EXIT_INPUT = 3  # the input, plan or model cannot be used; nothing was done
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it); run again to resume
+EXIT_TERMINATED = 143  # SIGTERM (128 + 15), handled as Ctrl-C is
 
 
 class UserError(Exception):

@@ -25,13 +25,16 @@ def open_append(path: str | os.PathLike[str]) -> int:
     return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
 
-def write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes, *, path: str | os.PathLike[str]) -> None:
     """Writes `data` in one write call where the OS allows: with O_APPEND it lands at the end in one piece, and
     a kill can only leave a prefix of it, which repair_torn_tail cuts away. The loop covers a short write
-    (disk full, signal)."""
+    (disk full, signal). An OSError (disk full) names `path`, the file written."""
     view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 def iter_jsonl(path: str | os.PathLike[str], *, allow_torn_tail: bool = True) -> Iterator[tuple[int, dict]]:

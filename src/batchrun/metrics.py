@@ -111,7 +111,7 @@ class MetricsRecorder:
 
     def _append(self, records: list[bytes]) -> None:
         assert self._fd is not None, "MetricsRecorder is closed"
-        write_all(self._fd, b"".join(r + b"\n" for r in records))
+        write_all(self._fd, b"".join(r + b"\n" for r in records), path=self.path)
 
     def __enter__(self) -> MetricsRecorder:
         return self

@@ -77,10 +77,12 @@ class OutputWriter:
     # --- resume -----------------------------------------------------------------------------------------
 
     def _resume(self, path: Path) -> None:
-        self.num_torn_bytes += repair_torn_tail(path)
-        for line_no, obj in iter_jsonl(path, allow_torn_tail=False):
+        # Every line is read as an output line before the torn tail is cut: a file that is not batchrun
+        # output is refused (UserError) before a byte of it changes.
+        for line_no, obj in iter_jsonl(path, allow_torn_tail=True):
             self._note(obj, where=f"{path}:{line_no}")
             self.num_resumed += 1
+        self.num_torn_bytes += repair_torn_tail(path)
 
     def _note(self, obj: dict[str, Any], *, where: str) -> None:
         error = obj.get("error")
@@ -191,7 +193,7 @@ class OutputWriter:
     def _write(self, path: Path, obj: dict[str, Any]) -> None:
         fd = self._fds.get(path)
         assert fd is not None, "the writer is closed"
-        write_all(fd, orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE))  # the whole line in one write call
+        write_all(fd, orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE), path=path)  # the line in one call
         self.num_written += 1
         now = time.monotonic()
         if now - self._last_fsync >= FSYNC_INTERVAL_S:
@@ -199,8 +201,11 @@ class OutputWriter:
             self._last_fsync = now
 
     def _fsync_all(self) -> None:
-        for fd in self._fds.values():
-            os.fsync(fd)
+        for path, fd in self._fds.items():
+            try:
+                os.fsync(fd)
+            except OSError as e:  # a full disk can show here first: name the file
+                raise OSError(e.errno, e.strerror, str(path)) from None
 
     def close(self) -> None:
         if not self._fds:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from batchrun.dtypes import DTYPE_BYTES
 from batchrun.planner import PlanLayout, PlannerConfig
 from batchrun.requests import InvalidLine, Request
 from batchrun.tokens import TokenTable
@@ -38,7 +39,9 @@ class PlanSummary:
     max_batch_kv_bytes: int
 
     def __post_init__(self) -> None:
-        assert min(dataclasses.astuple(self)) >= 0, self
+        # ValueError, not assert: a summary read from a plan file is checked here (planfile: "damaged").
+        if not all(_is_count(v) for v in dataclasses.astuple(self)):
+            raise ValueError(f"the plan summary holds a value that is not a count: {self}")
         assert self.saved_prefill_tokens == self.prompt_tokens - self.prefill_tokens, self
 
     @classmethod
@@ -68,6 +71,19 @@ class PlanHeader:
     created: str
     batchrun_version: str
 
+    def __post_init__(self) -> None:
+        """ValueError for a field of the wrong type or range: a header read from a plan file is checked here."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "str" and not isinstance(value, str):
+                raise ValueError(f"plan header field {f.name!r} is not a string: {value!r}")
+        if self.model_dtype not in DTYPE_BYTES:
+            raise ValueError(f"plan header field 'model_dtype' is not a dtype batchrun runs in: {self.model_dtype!r}")
+        if not _is_count(self.kv_bytes_per_token) or self.kv_bytes_per_token == 0:
+            raise ValueError("plan header field 'kv_bytes_per_token' is not a positive integer")
+        if not isinstance(self.params, PlannerConfig) or not isinstance(self.summary, PlanSummary):
+            raise ValueError("plan header fields 'params' and 'summary' must be objects")
+
     @property
     def fingerprint(self) -> str:
         """Identifies what the plan computes: its input, its model and its planning parameters."""
@@ -82,6 +98,9 @@ class PlanHeader:
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> PlanHeader:
         """Raises KeyError, TypeError or ValueError when `obj` is not a header of this format."""
+        if not isinstance(obj, dict) or not isinstance(obj.get("params"), dict) \
+                or not isinstance(obj.get("summary"), dict):
+            raise ValueError("the plan header is not an object with 'params' and 'summary' objects")
         return cls(**{**obj, "params": PlannerConfig(**obj["params"]),
                       "summary": PlanSummary.from_json(obj["summary"])})
 
@@ -100,6 +119,10 @@ class Plan:
     @property
     def max_tokens(self) -> np.ndarray:
         return np.fromiter((r.sampling.max_tokens for r in self.requests), np.int32, len(self.requests))
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 62
 
 
 def layout_numbers(layout: PlanLayout) -> dict[str, int]:

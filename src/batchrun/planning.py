@@ -104,6 +104,10 @@ def _token_problem(parsed: ParsedLine, ids: list[int] | EncodeError, spec: Model
     if not ids:
         return InvalidLine(req.line, req.id, req.format, "empty_prompt",
                            f"field {field!r}: the prompt has no tokens (the model adds no BOS token)")
+    if max(ids) >= spec.config.vocab_size:  # a tokenizer larger than the model's embedding table
+        return InvalidLine(req.line, req.id, req.format, "invalid_prompt",
+                           f"field {field!r}: token id {max(ids)} is outside the model's vocabulary of "
+                           f"{spec.config.vocab_size} (its tokenizer has tokens its embedding lacks)")
     context = spec.config.max_position_embeddings
     max_tokens = req.sampling.max_tokens
     if len(ids) + max_tokens > context:

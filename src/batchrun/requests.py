@@ -7,10 +7,13 @@ A bad line never stops the read: it becomes an InvalidLine naming its line numbe
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import orjson
 
@@ -22,6 +25,13 @@ Endpoint = Literal["completions", "chat"]
 Prompt = str | list[dict[str, str]]  # a completion prompt, or chat messages
 OPENAI_URLS: dict[str, Endpoint] = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
 ROLES = ("system", "user", "assistant", "tool", "developer")
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark, as some editors write at the start of a file
+MAX_TEMPERATURE = 2.0
+# The sampler divides float32 logits by the temperature and cuts at top_p in float32: a positive temperature
+# below MIN_TEMPERATURE overflows the logits to inf, and a top_p below float32's smallest normal number
+# rounds to 0 and keeps no token. Both sampled garbage and reported success; they are refused instead.
+MIN_TEMPERATURE = 1e-5
+MIN_TOP_P = 1.1754943508222875e-38  # numpy.finfo(numpy.float32).tiny
 
 
 @dataclass(frozen=True)
@@ -93,23 +103,19 @@ class InputReader:
         return self._hash.hexdigest()
 
     def __iter__(self) -> Iterator[ParsedLine | InvalidLine]:
-        try:
-            f = self.path.open("rb")
-        except FileNotFoundError:
-            raise UserError(f"{self.path}: no such file") from None
-        except OSError as e:
-            raise UserError(f"{self.path}: cannot be read ({e.strerror})") from None
-        with f:
+        with open_regular_file(self.path) as f:
             for line_no, raw in enumerate(f, start=1):
                 self._hash.update(raw)
                 self.num_lines = line_no
+                if line_no == 1:
+                    raw = raw.removeprefix(BOM)
                 if raw.strip():
                     yield self._parse(line_no, raw)
 
     def _parse(self, line_no: int, raw: bytes) -> ParsedLine | InvalidLine:
         try:
-            obj = orjson.loads(raw)
-        except orjson.JSONDecodeError as e:
+            obj = _loads(raw)
+        except ValueError as e:
             return InvalidLine(line_no, None, "plain", "invalid_json", f"line is not valid JSON: {e}")
         fmt: Format = "openai" if isinstance(obj, dict) and _looks_openai(obj) else "plain"
         rid = _peek_id(obj, fmt)
@@ -127,8 +133,25 @@ class InputReader:
         return parsed
 
 
+def _loads(raw: bytes) -> Any:
+    """orjson, or for what it refuses (a number beyond float64 or int64, e.g. `1e400`) the standard parser,
+    which reads it as inf or a big int, so that the field at fault is named; NaN and Infinity stay invalid."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        try:
+            return json.loads(raw, parse_constant=_refuse_constant)
+        except (ValueError, RecursionError) as e:
+            raise ValueError(str(e)) from None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def _looks_openai(obj: dict[str, Any]) -> bool:
-    return "custom_id" in obj or "body" in obj or "url" in obj
+    # Only custom_id marks an OpenAI batch line: a plain line may carry any other field (ignored).
+    return "custom_id" in obj
 
 
 def _peek_id(obj: Any, fmt: Format) -> str | None:
@@ -150,6 +173,8 @@ def parse_object(obj: Any, line_no: int) -> ParsedLine:
 
 
 def _parse_plain(obj: dict[str, Any], line_no: int) -> ParsedLine:
+    if "body" in obj and "prompt" not in obj and "messages" not in obj:
+        raise LineError("missing_field", "custom_id", "an OpenAI batch line needs a 'custom_id'")
     rid = _id_field(obj, "id", default=f"line-{line_no}")
     endpoint, prompt = _prompt_fields(obj, prefix="")
     sampling = _sampling(obj, prefix="")
@@ -162,7 +187,7 @@ def _parse_openai(obj: dict[str, Any], line_no: int) -> ParsedLine:
     if method != "POST":
         raise LineError("invalid_value", "method", f"must be \"POST\", not {method!r}")
     url = obj.get("url")
-    if url not in OPENAI_URLS:
+    if not isinstance(url, str) or url not in OPENAI_URLS:
         supported = ", ".join(OPENAI_URLS)
         raise LineError("unsupported_url", "url", f"{url!r} is not supported (supported: {supported})")
     body = obj.get("body")
@@ -171,7 +196,7 @@ def _parse_openai(obj: dict[str, Any], line_no: int) -> ParsedLine:
     endpoint = OPENAI_URLS[url]
     if body.get("stream"):
         raise LineError("unsupported_value", "body.stream", "streaming is not supported in a batch")
-    n = body.get("n", 1)
+    n = _int(body.get("n", 1), "body.n", low=1)
     if n != 1:
         raise LineError("unsupported_value", "body.n", f"only n=1 is supported, not {n!r}")
     key = "messages" if endpoint == "chat" else "prompt"
@@ -250,7 +275,8 @@ def _sampling(obj: dict[str, Any], *, prefix: str) -> SamplingParams:
     return SamplingParams(
         max_tokens=max_tokens,
         min_tokens=min_tokens,
-        temperature=_float(obj.get("temperature", defaults.TEMPERATURE), f"{prefix}temperature", 0.0, 2.0),
+        temperature=_float(obj.get("temperature", defaults.TEMPERATURE), f"{prefix}temperature", 0.0,
+                           MAX_TEMPERATURE),
         top_p=_float(obj.get("top_p", defaults.TOP_P), f"{prefix}top_p", 0.0, 1.0, low_open=True),
         top_k=max(top_k, 0),  # -1 means "off", as in vLLM
         seed=None if seed is None else _int(seed, f"{prefix}seed", low=-(2**63)),
@@ -269,10 +295,22 @@ def _int(value: Any, name: str, *, low: int) -> int:
 def _float(value: Any, name: str, low: float, high: float, *, low_open: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise LineError("invalid_type", name, f"must be a number, not {_kind(value)}")
-    if value > high or value < low or (low_open and value == low):
+    if not value <= high or value < low or (low_open and value == low):  # `not <=`: NaN and inf too
         interval = f"{'(' if low_open else '['}{low}, {high}]"
         raise LineError("invalid_value", name, f"{value} is out of range {interval}")
+    problem = sampling_problem(name.rsplit(".", 1)[-1], float(value))
+    if problem is not None:
+        raise LineError("invalid_value", name, problem)
     return float(value)
+
+
+def sampling_problem(field_name: str, value: float) -> str | None:
+    """Why a temperature or top_p in range cannot be sampled with in float32, or None."""
+    if field_name == "temperature" and 0.0 < value < MIN_TEMPERATURE:
+        return f"{value} is too small to sample with in float32: use 0 (greedy) or at least {MIN_TEMPERATURE}"
+    if field_name == "top_p" and value < MIN_TOP_P:
+        return f"{value} rounds to 0 in float32 (the smallest top_p is {MIN_TOP_P})"
+    return None
 
 
 def _stop(value: Any, name: str) -> tuple[str, ...]:
@@ -290,12 +328,25 @@ def _kind(value: Any) -> str:
 
 
 def file_fingerprint(path: Path) -> str:
-    """sha256 of a file's bytes, as InputReader computes it while reading; UserError when it is missing."""
+    """sha256 of a file's bytes, as InputReader computes it while reading; UserError when it is missing or
+    not a regular file."""
     h = hashlib.sha256()
-    try:
-        with path.open("rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file (the plan was made from it; it must still be there)") from None
+    with open_regular_file(path, missing="the plan was made from it; it must still be there") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
     return h.hexdigest()
+
+
+def open_regular_file(path: Path, *, missing: str = "") -> BinaryIO:
+    """`path` opened for reading; UserError when it is missing, unreadable, or not a regular file (a device
+    such as /dev/zero, a pipe: its end may never come, and it cannot be read twice to check it)."""
+    try:
+        f = path.open("rb")
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file" + (f" ({missing})" if missing else "")) from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror})") from None
+    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        f.close()
+        raise UserError(f"{path}: not a regular file (an input is a JSONL file)")
+    return f

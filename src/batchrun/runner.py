@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 
 from batchrun import defaults
+from batchrun.claim import ClaimedOutput, claim_output
 from batchrun.errors import UserError
 from batchrun.metrics import MetricsRecorder, metrics_path_for
 from batchrun.model.spec import ModelSpec, resolve_model
 from batchrun.output import OutputWriter
 from batchrun.plan import Plan
-from batchrun.plan_checks import check_plan, check_same_plan
+from batchrun.plan_checks import check_plan, check_plan_tokens
 from batchrun.planfile import load_plan
 from batchrun.progress import ProgressWriter
 from batchrun.requests import file_fingerprint
@@ -34,12 +35,13 @@ class RunOutcome:
     num_resumed: int  # already in the output before this run
     num_completed: int  # completed by this run
     num_failed: int  # error lines written by this run (invalid lines and run-time failures)
+    num_resumed_failed: int  # error lines of this plan already in the output: the job still has failures
     output_tokens: int
     wall_seconds: float  # generation only: model loading excluded
 
     @property
     def is_clean(self) -> bool:
-        return self.num_failed == 0
+        return self.num_failed == 0 and self.num_resumed_failed == 0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -59,6 +61,7 @@ def plan_model(plan: Plan, model: str | None) -> ModelSpec:
     """The model to run: the one the plan names, or `model` (another copy of it); refused if it differs."""
     spec = resolve_model(model or plan.header.model_path, dtype=plan.header.model_dtype)
     check_plan(plan.header, input_fingerprint=file_fingerprint(Path(plan.header.input_path)), model=spec)
+    check_plan_tokens(plan.tokens, model=spec)
     return spec
 
 
@@ -70,6 +73,7 @@ class RunSession:
     progress: ProgressWriter
     metrics: MetricsRecorder
     num_resumed: int
+    num_resumed_failed: int  # of those, error lines
     total: int  # valid requests plus invalid lines: one output line each
 
     def skip_ids(self, plan: Plan) -> set[str]:
@@ -81,13 +85,18 @@ def open_run(plan: Plan, plan_path: Path, output: Path, *, errors_path: Path | N
              device: str, console: Console, **run_info: object) -> Iterator[RunSession]:
     """Opens the output for appending (resuming what is there), the progress display and the metrics file,
     and writes an error line for each of the plan's invalid records not yet in the output. The caller has
-    checked (check_same_plan) that the output was not written from another plan, before loading a model."""
-    info = {"plan_fingerprint": plan.header.fingerprint, "plan": str(plan_path.resolve()),
-            "kv_budget_bytes": plan.header.params.kv_budget_bytes, "device": device, "model": spec.name,
-            "dtype": spec.config.dtype, "errors_path": str(errors_path.resolve()) if errors_path else None,
-            **run_info}
-    with OutputWriter(output, errors_path=errors_path, model_name=spec.name) as writer:
+    called check_output before loading a model, so that a mistake fails fast; the output is claimed here for
+    the whole run (claim.py: locked, proven to be this plan's, the recorded errors file re-used)."""
+    with _claim(plan, plan_path, output, errors_path=errors_path) as claimed, \
+            OutputWriter(output, errors_path=claimed.errors_path, model_name=spec.name) as writer:
+        errors_path = claimed.errors_path
+        info = {"plan_fingerprint": plan.header.fingerprint, "plan": str(plan_path.resolve()),
+                "kv_budget_bytes": plan.header.params.kv_budget_bytes, "device": device, "model": spec.name,
+                "dtype": spec.config.dtype, "errors_path": str(errors_path.resolve()) if errors_path else None,
+                **run_info}
         num_resumed = sum(map(writer.is_done, plan.requests)) + sum(map(writer.is_done, plan.invalid))
+        error_lines = writer.done_lines()
+        num_resumed_failed = sum(r.line in error_lines for r in (*plan.requests, *plan.invalid))
         total = len(plan.requests) + len(plan.invalid)
         with ProgressWriter(writer, total=total, num_done=num_resumed, console=console,
                             interval_s=defaults.PROGRESS_INTERVAL_S) as progress, \
@@ -95,7 +104,19 @@ def open_run(plan: Plan, plan_path: Path, output: Path, *, errors_path: Path | N
             for record in plan.invalid:
                 if not writer.is_done(record):
                     progress.write_error(record)
-            yield RunSession(writer, progress, metrics, num_resumed, total)
+            yield RunSession(writer, progress, metrics, num_resumed, num_resumed_failed, total)
+
+
+def check_output(plan: Plan, plan_path: Path, output: Path, *, errors_path: Path | None) -> None:
+    """Refuses (UserError) an output that open_run could not claim: claimed and released at once."""
+    with _claim(plan, plan_path, output, errors_path=errors_path):
+        pass
+
+
+def _claim(plan: Plan, plan_path: Path, output: Path, *,
+           errors_path: Path | None) -> AbstractContextManager[ClaimedOutput]:
+    return claim_output(output, errors_path=errors_path, plan_path=plan_path,
+                        input_path=Path(plan.header.input_path), plan_fingerprint=plan.header.fingerprint)
 
 
 def run_plan_file(plan_path: Path, output: Path, *, errors_path: Path | None, model: str | None, device: str,
@@ -109,7 +130,7 @@ def run_plan_file(plan_path: Path, output: Path, *, errors_path: Path | None, mo
 
     plan = load_plan(plan_path)
     spec = plan_model(plan, model)
-    check_same_plan(output, plan.header.fingerprint)  # before the slow model load: a mistake fails fast
+    check_output(plan, plan_path, output, errors_path=errors_path)  # before the slow model load: fails fast
     torch_device = resolve_device(device)
     if threads is not None:
         # OpenMP threads that outnumber the free cores spin against each other: on a shared machine one
@@ -125,4 +146,5 @@ def run_plan_file(plan_path: Path, output: Path, *, errors_path: Path | None, mo
         summary = engine.run(run.progress, run.metrics, skip_ids=run.skip_ids(plan))
         wall = time.perf_counter() - start
     return RunOutcome(num_requests=run.total, num_resumed=run.num_resumed, num_completed=summary.num_completed,
-                      num_failed=run.progress.num_failed, output_tokens=summary.output_tokens, wall_seconds=wall)
+                      num_failed=run.progress.num_failed, num_resumed_failed=run.num_resumed_failed,
+                      output_tokens=summary.output_tokens, wall_seconds=wall)

@@ -7,6 +7,8 @@ import re
 
 from batchrun.errors import UserError
 
+MAX_SIZE = 1e18  # bytes: an exabyte, far above any machine, far below int64
+
 
 def parse_size(text: str) -> int:
     """'4GiB', '512MiB', '2G', '1e9' or a plain number of bytes → bytes; UserError when it is not a size."""
@@ -15,7 +17,10 @@ def parse_size(text: str) -> int:
         raise UserError(f"{text!r} is not a size (examples: 4GiB, 512MiB, 2000000000)", exit_code=2)
     number, unit, binary = float(m.group(1)), m.group(2), m.group(3).startswith("i")
     power = "_kmgt".index(unit) if unit else 0
-    return int(number * (1024 if binary else 1000) ** power)
+    size = number * (1024 if binary else 1000) ** power
+    if not size < MAX_SIZE:  # 1e400 is inf: no budget is that large
+        raise UserError(f"{text!r} is too large a size (at most {MAX_SIZE:.0e} bytes)", exit_code=2)
+    return int(size)
 
 
 def human_bytes(n: float) -> str:

@@ -23,7 +23,8 @@ def load_tokenizer(spec: ModelSpec) -> Any:
     from transformers import AutoTokenizer  # slow import: only when a tokenizer is needed
 
     try:
-        return AutoTokenizer.from_pretrained(str(spec.path), local_files_only=True)
+        # trust_remote_code=False: never run code from the model directory (resolve_model refuses auto_map).
+        return AutoTokenizer.from_pretrained(str(spec.path), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise UserError(f"model {spec.name!r}: its tokenizer cannot be loaded from {spec.path} ({e})") from None
 
@@ -67,3 +68,5 @@ def _render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str | Encode
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     except TemplateError as e:  # templates reject messages with raise_exception(...)
         return EncodeError(f"the chat template refused these messages: {e}")
+    except Exception as e:  # noqa: BLE001 - a template is the model's code: any failure is this line's alone
+        return EncodeError(f"the chat template failed on these messages ({type(e).__name__}: {e})")

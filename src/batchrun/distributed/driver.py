@@ -18,11 +18,11 @@ from rich.console import Console
 from batchrun.distributed.dispatch import BatchEvent, Dispatcher
 from batchrun.distributed.messages import FLUSH_RESULTS
 from batchrun.distributed.units import TAIL_UNITS_PER_WORKER
+from batchrun.distributed.watchdog import Watchdog
 from batchrun.errors import UserError
 from batchrun.model.spec import ModelSpec
-from batchrun.plan_checks import check_same_plan
 from batchrun.planfile import load_plan
-from batchrun.runner import RunOutcome, open_run, plan_model
+from batchrun.runner import RunOutcome, check_output, open_run, plan_model
 
 
 @dataclass(frozen=True)
@@ -64,10 +64,13 @@ def run_distributed(plan_path: Path, output: Path, *, errors_path: Path | None, 
     ray = _import_ray()
     plan = load_plan(plan_path)
     spec = plan_model(plan, model)
-    check_same_plan(output, plan.header.fingerprint)  # before starting Ray: a mistake fails fast
+    check_output(plan, plan_path, output, errors_path=errors_path)  # before starting Ray: fails fast
     is_owner = not ray.is_initialized()
+    watchdog = None
     if is_owner:
         _start_ray(ray, device=device, workers=workers, ray_address=ray_address)
+        if ray_address is None:  # a local cluster: its processes are this process's descendants
+            watchdog = Watchdog()
     try:
         cluster = _cluster_spec(ray, device=device, workers=workers, cpus_per_worker=cpus_per_worker)
         with open_run(plan, plan_path, output, errors_path=errors_path, spec=spec,
@@ -83,12 +86,15 @@ def run_distributed(plan_path: Path, output: Path, *, errors_path: Path | None, 
     finally:
         if is_owner:
             ray.shutdown()
+        if watchdog is not None:
+            watchdog.release()
     if dispatcher.has_work_left:
         raise UserError(f"every worker died ({dispatcher.num_lost} of {cluster.num_workers}; the last: "
                         f"{dispatcher.last_loss}); the results so far are in {output}: run again to resume")
     return ClusterOutcome(
         num_requests=run.total, num_resumed=run.num_resumed, num_completed=dispatcher.num_completed,
-        num_failed=run.progress.num_failed, output_tokens=run.progress.output_tokens,
+        num_failed=run.progress.num_failed, num_resumed_failed=run.num_resumed_failed,
+        output_tokens=run.progress.output_tokens,
         wall_seconds=dispatcher.wall_seconds,
         num_workers=len(dispatcher.workers), num_workers_lost=dispatcher.num_lost,
         num_units=dispatcher.num_units_done, num_requeued=dispatcher.num_requeued,

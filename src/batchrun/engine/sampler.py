@@ -6,6 +6,7 @@ A seeded request draws from its own torch.Generator, row by row, so its tokens d
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -102,6 +103,16 @@ class Sampler:
     def _generator(self, request: int) -> torch.Generator:
         g = self._generators.get(request)
         if g is None:
-            g = torch.Generator(device=self.device).manual_seed(int(self.seed[request]))
+            g = torch.Generator(device=self.device).manual_seed(generator_seed(int(self.seed[request]), self.device))
             self._generators[request] = g
         return g
+
+
+def generator_seed(seed: int, device: torch.device) -> int:
+    """What to give torch's manual_seed for a request's 64-bit seed. The CPU generator (mt19937) reads only
+    the seed's low 32 bits, which made 1 and 2**32 + 1 draw the same tokens: there a seed outside [0, 2**32)
+    is hashed into 32 bits (two seeds then collide only by chance, 1 in 2**32). CUDA's Philox reads all 64."""
+    if device.type != "cpu" or 0 <= seed < 1 << 32:
+        return seed
+    digest = hashlib.blake2b(seed.to_bytes(8, "little", signed=True), digest_size=4).digest()
+    return int.from_bytes(digest, "little")

@@ -72,6 +72,8 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, raw: dict[str, Any], *, dtype: str | None = None) -> ModelConfig:
         """Reads a Hugging Face config.json dict; raises ModelConfigError naming the field at fault."""
+        if not isinstance(raw, dict):
+            raise ModelConfigError("config.json is not a JSON object")
         model_type = raw.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ModelConfigError(
@@ -79,32 +81,37 @@ class ModelConfig:
             )
         try:
             _check_features(raw, model_type)
-            num_heads = int(raw["num_attention_heads"])
-            hidden = int(raw["hidden_size"])
+            num_heads = _count(raw, "num_attention_heads")
+            hidden = _count(raw, "hidden_size")
+            num_kv_heads = _count(raw, "num_key_value_heads", default=num_heads)
+            if num_heads % num_kv_heads:
+                raise ModelConfigError(f"num_attention_heads {num_heads} is not a multiple of "
+                                       f"num_key_value_heads {num_kv_heads}")
             eos = raw.get("eos_token_id")
             eos_list = eos if isinstance(eos, list) else [] if eos is None else [eos]
-            eos_ids = tuple(int(e) for e in eos_list)
+            eos_ids = tuple(_token_id(e, "eos_token_id") for e in eos_list)
             cfg_dtype = dtype_name(dtype or raw.get("torch_dtype") or raw.get("dtype") or "float32")
-            max_pos = int(raw.get("max_position_embeddings", 2048))
+            max_pos = _count(raw, "max_position_embeddings", default=2048)
             # transformers 5 writes `rope_parameters` (rope_theta inside it); older configs a top-level
             # `rope_theta` plus an optional `rope_scaling`. As in transformers, rope_parameters wins.
             rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
             return cls(
                 model_type=model_type,
-                vocab_size=int(raw["vocab_size"]),
+                vocab_size=_count(raw, "vocab_size"),
                 hidden_size=hidden,
-                intermediate_size=int(raw["intermediate_size"]),
-                num_layers=int(raw["num_hidden_layers"]),
+                intermediate_size=_count(raw, "intermediate_size"),
+                num_layers=_count(raw, "num_hidden_layers"),
                 num_heads=num_heads,
-                num_kv_heads=int(raw.get("num_key_value_heads") or num_heads),
-                head_dim=int(raw.get("head_dim") or hidden // num_heads),
+                num_kv_heads=num_kv_heads,
+                head_dim=_count(raw, "head_dim", default=max(hidden // num_heads, 1)),
                 max_position_embeddings=max_pos,
-                rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(rope.get("rope_theta") or raw.get("rope_theta") or 10000.0),
+                rms_norm_eps=_positive(raw.get("rms_norm_eps", 1e-6), "rms_norm_eps"),
+                rope_theta=_positive(rope.get("rope_theta") or raw.get("rope_theta") or 10000.0, "rope_theta"),
                 rope_scaling=_rope_scaling(rope, max_pos),
                 tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
                 attention_bias=_attention_bias(raw, model_type),
-                bos_token_id=raw.get("bos_token_id"),
+                bos_token_id=None if raw.get("bos_token_id") is None else _token_id(raw["bos_token_id"],
+                                                                                    "bos_token_id"),
                 eos_token_ids=eos_ids,
                 dtype=cfg_dtype,
             )
@@ -112,6 +119,30 @@ class ModelConfig:
             raise ModelConfigError(f"config.json has no field {e.args[0]!r}") from None
         except (TypeError, ValueError) as e:
             raise ModelConfigError(f"config.json has a bad value: {e}") from None
+
+
+def _count(raw: dict[str, Any], key: str, *, default: int | None = None) -> int:
+    """A positive integer field (absent or null: `default`); ModelConfigError naming it otherwise."""
+    value = raw.get(key)
+    if value is None and default is not None:
+        return default
+    if value is None:
+        raise KeyError(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value >= 1 << 40:
+        raise ModelConfigError(f"config.json field {key!r} must be a positive integer, not {value!r}")
+    return value
+
+
+def _token_id(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ModelConfigError(f"config.json field {key!r} must hold token ids (integers >= 0), not {value!r}")
+    return value
+
+
+def _positive(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < float("inf"):
+        raise ModelConfigError(f"config.json field {key!r} must be a positive number, not {value!r}")
+    return float(value)
 
 
 def _rope_scaling(raw: dict[str, Any], max_position_embeddings: int) -> RopeScaling | None:

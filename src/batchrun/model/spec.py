@@ -1,7 +1,8 @@
 """Resolves `--model` (a Hugging Face model directory or a built-in name) to a ModelSpec with a fingerprint.
 
-The fingerprint covers what changes outputs: config.json, the tokenizer files, and the weights' identity
-(file names and sizes of the safetensors, or the built-in seed), so `run` can refuse a plan made for another model.
+The fingerprint covers what changes outputs: config.json, the tokenizer files, and the weights' content (a
+blake2b digest of each safetensors file, cached by weights_cache.py), so `run` refuses a plan made for another
+model, or for this one before its weights changed. A model that asks to run its own code (auto_map) is refused.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from batchrun.errors import UserError
+from batchrun.dtypes import dtype_name
+from batchrun.errors import EXIT_USAGE, UserError
 from batchrun.model.config import ModelConfig, ModelConfigError
+from batchrun.model.weights_cache import weights_digest
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 BUILTIN_MODELS = {"builtin-tiny": BUILTIN_DIR}
@@ -40,6 +43,11 @@ class ModelSpec:
 
 def resolve_model(name: str, *, dtype: str | None = None) -> ModelSpec:
     """A built-in model name or a model directory → ModelSpec; raises UserError saying what is missing."""
+    if dtype is not None:
+        try:
+            dtype_name(dtype)
+        except ValueError as e:
+            raise UserError(f"--dtype: {e}", exit_code=EXIT_USAGE) from None
     path = BUILTIN_MODELS.get(name)
     if path is None:
         path = Path(name).expanduser()
@@ -56,6 +64,7 @@ def resolve_model(name: str, *, dtype: str | None = None) -> ModelSpec:
         raise UserError(f"model {name!r}: {config_file} is not valid JSON ({e})") from None
     except ModelConfigError as e:
         raise UserError(f"model {name!r}: {e}") from None
+    _refuse_remote_code(name, path, raw)
     seed = raw.get("batchrun_builtin_seed")
     if seed is None and not _weight_files(path):
         raise UserError(f"model {name!r}: no *.safetensors weights in {path}")
@@ -66,6 +75,22 @@ def resolve_model(name: str, *, dtype: str | None = None) -> ModelSpec:
         builtin_seed=None if seed is None else int(seed),
         fingerprint=_fingerprint(path, config.dtype),
     )
+
+
+def _refuse_remote_code(name: str, path: Path, config: dict) -> None:
+    """batchrun never runs a model repository's own Python code: transformers would offer to, for a
+    config or tokenizer config that names classes in `auto_map`."""
+    tokenizer_config = path / "tokenizer_config.json"
+    sources = {"config.json": config}
+    if tokenizer_config.is_file():
+        try:
+            sources["tokenizer_config.json"] = json.loads(tokenizer_config.read_bytes())
+        except json.JSONDecodeError as e:
+            raise UserError(f"model {name!r}: {tokenizer_config} is not valid JSON ({e})") from None
+    for file, raw in sources.items():
+        if isinstance(raw, dict) and "auto_map" in raw:
+            raise UserError(f"model {name!r}: its {file} asks to run the model repository's own code (auto_map); "
+                            "batchrun never runs a model's code: use a model that transformers supports natively")
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -80,6 +105,5 @@ def _fingerprint(path: Path, dtype: str) -> str:
         if f.is_file():
             h.update(name.encode() + b"\0" + f.read_bytes())
     for f in _weight_files(path):
-        # Names and sizes, not contents: hashing many GB of weights on every plan and run would be slow.
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
+        h.update(f"{f.name}:{weights_digest(f)}".encode())
     return h.hexdigest()[:16]
