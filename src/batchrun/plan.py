@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -56,7 +57,7 @@ class PlanSummary:
 
 @dataclass(frozen=True)
 class PlanHeader:
-    input_path: str
+    input_path: str  # relative to the plan file's folder (absolute in plans made before batchrun recorded it so)
     input_fingerprint: str
     model_name: str
     model_path: str  # a built-in name, or the model directory's absolute path
@@ -67,6 +68,10 @@ class PlanHeader:
     summary: PlanSummary
     created: str
     batchrun_version: str
+
+    def input_file(self, plan_path: Path) -> Path:
+        """The input file of the plan stored at `plan_path` (an absolute input_path stays as it is)."""
+        return plan_path.parent / self.input_path
 
     @property
     def fingerprint(self) -> str:

@@ -21,7 +21,7 @@ from batchrun.output import OutputWriter
 from batchrun.plan import Plan
 from batchrun.plan_checks import check_plan, check_same_plan
 from batchrun.planfile import load_plan
-from batchrun.progress import ProgressWriter
+from batchrun.progress import ProgressMetrics, ProgressWriter
 from batchrun.requests import file_fingerprint
 
 if TYPE_CHECKING:
@@ -55,11 +55,23 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def plan_model(plan: Plan, model: str | None) -> ModelSpec:
-    """The model to run: the one the plan names, or `model` (another copy of it); refused if it differs."""
+def plan_model(plan: Plan, *, plan_path: Path, model: str | None, input_path: Path | None = None) -> ModelSpec:
+    """The model to run: the one the plan names, or `model` (another copy of it); refused if it differs, or
+    if the plan's input (`input_path` when given, else the one the plan records) has changed."""
     spec = resolve_model(model or plan.header.model_path, dtype=plan.header.model_dtype)
-    check_plan(plan.header, input_fingerprint=file_fingerprint(Path(plan.header.input_path)), model=spec)
+    check_plan(plan.header, input_fingerprint=file_fingerprint(plan_input(plan, plan_path, input_path)), model=spec)
     return spec
+
+
+def plan_input(plan: Plan, plan_path: Path, input_path: Path | None) -> Path:
+    """`input_path`, or the input the plan records (relative to its folder); UserError saying how to give it."""
+    if input_path is not None:
+        return input_path
+    recorded = plan.header.input_file(plan_path)
+    if not recorded.is_file():
+        raise UserError(f"the plan's input {recorded} is not there (the plan records {plan.header.input_path!r}, "
+                        "relative to the plan's folder): give the input with --input FILE")
+    return recorded
 
 
 @dataclass
@@ -87,9 +99,11 @@ def open_run(plan: Plan, plan_path: Path, output: Path, *, errors_path: Path | N
             "dtype": spec.config.dtype, "errors_path": str(errors_path.resolve()) if errors_path else None,
             **run_info}
     with OutputWriter(output, errors_path=errors_path, model_name=spec.name) as writer:
-        num_resumed = sum(map(writer.is_done, plan.requests)) + sum(map(writer.is_done, plan.invalid))
+        is_done = [writer.is_done(r) for r in plan.requests]
+        num_resumed = sum(is_done) + sum(map(writer.is_done, plan.invalid))
         total = len(plan.requests) + len(plan.invalid)
-        with ProgressWriter(writer, total=total, num_done=num_resumed, console=console,
+        total_tokens = sum(r.sampling.max_tokens for r, done in zip(plan.requests, is_done, strict=True) if not done)
+        with ProgressWriter(writer, total=total, num_done=num_resumed, console=console, total_tokens=total_tokens,
                             interval_s=defaults.PROGRESS_INTERVAL_S) as progress, \
                 MetricsRecorder(metrics_path_for(output), run_info=info) as metrics:
             for record in plan.invalid:
@@ -99,7 +113,7 @@ def open_run(plan: Plan, plan_path: Path, output: Path, *, errors_path: Path | N
 
 
 def run_plan_file(plan_path: Path, output: Path, *, errors_path: Path | None, model: str | None, device: str,
-                  console: Console, threads: int | None = None) -> RunOutcome:
+                  console: Console, threads: int | None = None, input_path: Path | None = None) -> RunOutcome:
     import torch
 
     from batchrun.attention import select_backend
@@ -108,7 +122,7 @@ def run_plan_file(plan_path: Path, output: Path, *, errors_path: Path | None, mo
     from batchrun.tokenizer import load_tokenizer
 
     plan = load_plan(plan_path)
-    spec = plan_model(plan, model)
+    spec = plan_model(plan, plan_path=plan_path, model=model, input_path=input_path)
     check_same_plan(output, plan.header.fingerprint)  # before the slow model load: a mistake fails fast
     torch_device = resolve_device(device)
     if threads is not None:
@@ -122,7 +136,7 @@ def run_plan_file(plan_path: Path, output: Path, *, errors_path: Path | None, mo
         engine = Engine(loaded, tokenizer, plan, kv_budget_bytes=plan.header.params.kv_budget_bytes,
                         backend=select_backend(torch_device))
         start = time.perf_counter()
-        summary = engine.run(run.progress, run.metrics, skip_ids=run.skip_ids(plan))
+        summary = engine.run(run.progress, ProgressMetrics(run.metrics, run.progress), skip_ids=run.skip_ids(plan))
         wall = time.perf_counter() - start
     return RunOutcome(num_requests=run.total, num_resumed=run.num_resumed, num_completed=summary.num_completed,
                       num_failed=run.progress.num_failed, output_tokens=summary.output_tokens, wall_seconds=wall)

@@ -49,6 +49,8 @@ class ModelConfig:
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     dtype: str
+    # Attention of some layers sees only this many recent tokens; batchrun caps the context at it instead.
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         assert self.num_heads % self.num_kv_heads == 0, "query heads must be a multiple of KV heads"
@@ -59,6 +61,21 @@ class ModelConfig:
         import torch  # only where the model is built: planning and reporting import no torch
 
         return getattr(torch, self.dtype)
+
+    @property
+    def max_context_len(self) -> int:
+        """The longest prompt plus max_tokens batchrun runs: the model's context, capped at a sliding window
+        (within it, windowed attention sees every token, so full attention computes the same)."""
+        if self.sliding_window is None:
+            return self.max_position_embeddings
+        return min(self.max_position_embeddings, self.sliding_window)
+
+    @property
+    def context_name(self) -> str:
+        """What limits `max_context_len`, for messages."""
+        if self.max_context_len < self.max_position_embeddings:
+            return "the model's sliding window (batchrun caps the context at the window)"
+        return "the model's context"
 
     @property
     def dtype_bytes(self) -> int:
