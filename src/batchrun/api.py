@@ -40,9 +40,10 @@ def stdin_copy_path(output: Path) -> Path:
 
 
 def make_plan(input: str | Path, output: str | Path | None = None, *, model: str = defaults.BUILTIN_MODEL,
-              dtype: str | None = None, config: PlannerConfig | None = None) -> MadePlan:
+              dtype: str | None = None, config: PlannerConfig | None = None, download: bool = False) -> MadePlan:
     """`batchrun plan`: plans `input` ('-': standard input, kept beside the plan) into `output` (default:
-    INPUT with the suffix .plan)."""
+    INPUT with the suffix .plan). `model`: a built-in name, a directory, or a Hub id from the Hugging Face
+    cache (`download`: fetched when absent)."""
     from batchrun.model.spec import resolve_model
     from batchrun.planning import plan_to_file
     from batchrun.tokenizer import load_tokenizer
@@ -54,7 +55,7 @@ def make_plan(input: str | Path, output: str | Path | None = None, *, model: str
                             exit_code=EXIT_USAGE)
         input_path = spool_stdin(stdin_copy_path(target))
     target = target or input_path.with_suffix(".plan")
-    spec = resolve_model(model, dtype=dtype)
+    spec = resolve_model(model, dtype=dtype, download=download)
     plan = plan_to_file(input_path, target, spec=spec, tokenizer=load_tokenizer(spec),
                         config=config or planner_config())
     return MadePlan(plan, target)
@@ -64,9 +65,10 @@ def run_job(source: str | Path | None, output: str | Path, *, plan: str | Path |
             input: str | Path | None = None, errors: str | Path | None = None, model: str | None = None,
             dtype: str | None = None, config: PlannerConfig | None = None, device: str = defaults.DEVICE,
             threads: int | None = None, workers: int | None = None, ray_address: str | None = None,
-            console: Console | None = None) -> RunOutcome:
+            download: bool = False, console: Console | None = None) -> RunOutcome:
     """`batchrun run`: runs a plan (`source` or `plan`; `input` then overrides the input it records), or plans
-    an input (`source` or `input`) into OUT.plan beside the output and runs that; the same call resumes."""
+    an input (`source` or `input`) into OUT.plan beside the output and runs that; the same call resumes.
+    `download`: a Hub model absent from the Hugging Face cache is fetched into it first."""
     console = console or Console(stderr=True, soft_wrap=True)
     output = Path(output)
     found = job_source(_path(source), plan_path=_path(plan), input_path=_path(input))
@@ -75,13 +77,18 @@ def run_job(source: str | Path | None, output: str | Path, *, plan: str | Path |
             raise UserError("planning options (--dtype, --kv-budget, --min-prefix-len, --max-levels, --share) "
                             f"apply when run plans an input, not to the plan {found.plan_path}", exit_code=EXIT_USAGE)
         plan_path, input_path = found.plan_path, found.input_path
+        if download:  # into the cache now: every later lookup finds it there, offline
+            from batchrun.model.spec import resolve_model
+            from batchrun.planfile import load_plan_header
+
+            resolve_model(model or load_plan_header(plan_path).model_path, download=True)
     else:
         assert found.input_path is not None
         input_path = found.input_path
         if str(input_path) == STDIN:
             input_path = spool_stdin(stdin_copy_path(output))
         plan_path = _job_plan(input_path, output, model=model or defaults.BUILTIN_MODEL, dtype=dtype,
-                              config=config or planner_config(), console=console)
+                              config=config or planner_config(), download=download, console=console)
         model = None  # the plan names it
     kwargs = dict(errors_path=_path(errors), model=model, device=device, console=console, input_path=input_path)
     if workers is not None or ray_address is not None:
@@ -94,12 +101,12 @@ def run_job(source: str | Path | None, output: str | Path, *, plan: str | Path |
 
 
 def _job_plan(input_path: Path, output: Path, *, model: str, dtype: str | None, config: PlannerConfig,
-              console: Console) -> Path:
+              download: bool, console: Console) -> Path:
     from batchrun.model.spec import resolve_model
     from batchrun.planning import plan_to_file
     from batchrun.tokenizer import load_tokenizer
 
-    spec = resolve_model(model, dtype=dtype)
+    spec = resolve_model(model, dtype=dtype, download=download)
 
     def make(target: Path) -> None:
         console.print(f"planning {input_path} into {target}", highlight=False)

@@ -28,9 +28,12 @@ out = Console()
 err = Console(stderr=True, soft_wrap=True)  # messages stay one line in logs, however long
 F = TypeVar("F", bound=Callable[..., Any])
 
-ModelOption = Annotated[str, typer.Option("--model", "-m", help="A Hugging Face model directory, or the name "
-                                          f"of a built-in model ({defaults.BUILTIN_MODEL}: tiny, random "
+ModelOption = Annotated[str, typer.Option("--model", "-m", help="A Hub id found in the local Hugging Face cache "
+                                          "(e.g. Qwen/Qwen2.5-0.5B-Instruct; see --download), a model directory, "
+                                          f"or the name of a built-in model ({defaults.BUILTIN_MODEL}: tiny, random "
                                           "weights, meaningless text; for demos and tests).")]
+DownloadOption = Annotated[bool, typer.Option("--download", help="Fetch a Hub model absent from the Hugging Face "
+                                              "cache (by default nothing is downloaded).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object (last line of stdout) instead "
                                           "of tables.")]
 
@@ -106,6 +109,7 @@ def plan(
     max_levels: MaxLevelsOption = None,
     share: ShareOption = None,
     dtype: DtypeOption = None,
+    download: DownloadOption = False,
     show: Annotated[Path | None, typer.Option("--show", help="Print an existing plan's summary and groups "
                                               "instead of planning.", show_default=False)] = None,
     groups: Annotated[int, typer.Option(help="With --show: how many groups to list.")] = 20,
@@ -124,7 +128,7 @@ def plan(
         return
     if input is None:
         raise UserError("give the INPUT file to plan (or --show PLAN to look at a plan)", exit_code=EXIT_USAGE)
-    made = make_plan(input, output, model=model, dtype=dtype,
+    made = make_plan(input, output, model=model, dtype=dtype, download=download,
                      config=_planner_config(kv_budget, min_prefix_len, max_levels, share, always=True))
     if json:
         _print_json({**plan_summary_json(made.plan.header), "plan": str(made.path)})
@@ -190,6 +194,7 @@ def run(
     max_levels: MaxLevelsOption = None,
     share: ShareOption = None,
     dtype: DtypeOption = None,
+    download: DownloadOption = False,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = defaults.DEVICE,
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for the model on the CPU [default: "
                                                 "torch's, one per core]; fewer when other jobs share the cores.",
@@ -208,7 +213,8 @@ def run(
 
     outcome = run_job(source, output, plan=plan_path, input=input, errors=errors, model=model, dtype=dtype,
                       config=_planner_config(kv_budget, min_prefix_len, max_levels, share, always=False),
-                      device=device, threads=threads, workers=workers, ray_address=ray_address, console=err)
+                      device=device, threads=threads, workers=workers, ray_address=ray_address, download=download,
+                      console=err)
     summary = {"requests": outcome.num_requests, "resumed": outcome.num_resumed,
                "completed": outcome.num_completed, "failed": outcome.num_failed,
                "output_tokens": outcome.output_tokens, "wall_seconds": round(outcome.wall_seconds, 3),
