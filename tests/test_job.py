@@ -28,6 +28,7 @@ def batchrun(*args: str, stdin: str | None = None) -> subprocess.CompletedProces
 
 def small_input(tmp_path: Path, num_lines: int = 6, name: str = "in.jsonl") -> Path:
     path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join((SAMPLE / "requests.jsonl").read_text().splitlines(keepends=True)[:num_lines]))
     return path
 
@@ -132,3 +133,18 @@ def test_plan_command_line_mistakes(tmp_path: Path) -> None:
         assert result.returncode == 2, (args, result.stderr)
         assert message in result.stderr and "field 'prompt'" not in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stderr and ".p.plan." not in result.stderr
+
+
+def test_plan_records_its_input_relative_to_itself_and_run_input_overrides(tmp_path: Path) -> None:
+    input_path = small_input(tmp_path / "data")
+    made = make_plan(input_path, tmp_path / "jobs" / "job.plan")
+    assert made.plan.header.input_path == "../data/in.jsonl"
+    elsewhere = tmp_path / "elsewhere.jsonl"
+    input_path.rename(elsewhere)
+    with pytest.raises(UserError, match=r"plan's input .*data/in.jsonl is not there .* --input FILE"):
+        run_job(made.path, tmp_path / "out.jsonl", console=quiet())
+    outcome = run_job(made.path, tmp_path / "out.jsonl", input=elsewhere, console=quiet(), threads=1)
+    assert outcome.num_completed == 6
+    elsewhere.write_text(elsewhere.read_text()[:-1] + " \n")  # another file than the plan was made from
+    with pytest.raises(UserError, match="has changed"):
+        run_job(made.path, tmp_path / "out2.jsonl", input=elsewhere, console=quiet())
