@@ -1,12 +1,17 @@
-"""batchrun as a library: the calls behind `batchrun plan`, `run` and `stats`, for scripts. Re-exported by
-`batchrun/__init__.py` on first use, so `import batchrun` stays cheap; torch loads only when a model runs.
+"""batchrun as a library: `generate` for requests held in memory (a notebook), and the calls behind
+`batchrun plan`, `run` and `stats` for scripts. Re-exported by `batchrun/__init__.py` on first use, so
+`import batchrun` stays cheap; torch loads only when a model runs.
 """
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Iterable, Mapping
+from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+import orjson
 from rich.console import Console
 
 from batchrun import defaults
@@ -15,9 +20,75 @@ from batchrun.job import STDIN, ensure_job_plan, job_source, spool_stdin
 from batchrun.planner import PlannerConfig
 
 if TYPE_CHECKING:
+    from batchrun.output import Completion
     from batchrun.plan import Plan
+    from batchrun.requests import InvalidLine, Request
     from batchrun.runner import RunOutcome
     from batchrun.stats import Report
+
+
+class Result(NamedTuple):
+    """One request's result. A failed request (a bad request, a prompt too long) has `error` set and no text."""
+
+    id: str | None
+    text: str | None
+    token_ids: list[int]
+    finish_reason: str | None  # "stop" (EOS or a stop string) or "length" (max_tokens); None on error
+    prompt_tokens: int
+    error: str | None  # "code: message"
+
+
+def generate(requests: Iterable[str | Mapping[str, Any]], *, model: str = defaults.BUILTIN_MODEL,
+             dtype: str | None = None, config: PlannerConfig | None = None, device: str = defaults.DEVICE,
+             threads: int | None = None, download: bool = False, workdir: str | Path | None = None,
+             **sampling: Any) -> list[Result]:
+    """Results of `requests` in their order: each a prompt string or a request object as a plain input line
+    takes it (`prompt` or `messages`, sampling fields, `id`). `sampling` (max_tokens=..., temperature=...)
+    fills the fields a request leaves out. Planned and run in this process by the same engine as `batchrun
+    run`; the input and plan are written to `workdir` when given, else to a temporary folder removed after."""
+    from batchrun.model.spec import resolve_model
+    from batchrun.planning import plan_to_file
+    from batchrun.runner import prepare_engine
+    from batchrun.tokenizer import load_tokenizer
+
+    lines = [{**sampling, **({"prompt": r} if isinstance(r, str) else r)} for r in requests]
+    if not lines:
+        return []
+    with ExitStack() as stack:
+        folder = Path(workdir) if workdir is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        folder.mkdir(parents=True, exist_ok=True)
+        input_path = folder / "input.jsonl"
+        input_path.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in lines))
+        spec = resolve_model(model, dtype=dtype, download=download)
+        tokenizer = load_tokenizer(spec)
+        plan = plan_to_file(input_path, folder / "input.plan", spec=spec, tokenizer=tokenizer,
+                            config=config or planner_config())
+        collector = _Collector(len(lines))
+        for record in plan.invalid:
+            collector.write_error(record)
+        prepare_engine(plan, spec, tokenizer, device=device, threads=threads).engine.run(collector)
+    return collector.in_order()
+
+
+class _Collector:
+    """The engine's writer for `generate`: results kept in memory, by input line (line i + 1 is request i)."""
+
+    def __init__(self, num_lines: int) -> None:
+        self.results: list[Result | None] = [None] * num_lines
+
+    def write_completion(self, request: Request, completion: Completion) -> None:
+        self.results[request.line - 1] = Result(request.id, completion.text, list(completion.token_ids),
+                                                completion.finish_reason, completion.prompt_tokens, None)
+
+    def write_error(self, record: Request | InvalidLine, *, code: str | None = None,
+                    message: str | None = None) -> None:
+        code = code or getattr(record, "code", None)
+        message = message or getattr(record, "message", None)
+        self.results[record.line - 1] = Result(record.id, None, [], None, 0, f"{code}: {message}")
+
+    def in_order(self) -> list[Result]:
+        assert all(r is not None for r in self.results), "a request got no result"
+        return list(self.results)  # type: ignore[arg-type]
 
 
 class MadePlan(NamedTuple):

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from rich.console import Console
 
@@ -26,6 +26,8 @@ from batchrun.requests import file_fingerprint
 
 if TYPE_CHECKING:
     import torch
+
+    from batchrun.engine.engine import Engine
 
 
 @dataclass(frozen=True)
@@ -114,29 +116,41 @@ def open_run(plan: Plan, plan_path: Path, output: Path, *, errors_path: Path | N
 
 def run_plan_file(plan_path: Path, output: Path, *, errors_path: Path | None, model: str | None, device: str,
                   console: Console, threads: int | None = None, input_path: Path | None = None) -> RunOutcome:
-    import torch
-
-    from batchrun.attention import select_backend
-    from batchrun.engine.engine import Engine
-    from batchrun.model.loader import load_model
     from batchrun.tokenizer import load_tokenizer
 
     plan = load_plan(plan_path)
     spec = plan_model(plan, plan_path=plan_path, model=model, input_path=input_path)
     check_same_plan(output, plan.header.fingerprint)  # before the slow model load: a mistake fails fast
+    engine, torch_device = prepare_engine(plan, spec, load_tokenizer(spec), device=device, threads=threads)
+    with open_run(plan, plan_path, output, errors_path=errors_path, spec=spec, device=str(torch_device),
+                  console=console) as run:
+        start = time.perf_counter()
+        summary = engine.run(run.progress, ProgressMetrics(run.metrics, run.progress), skip_ids=run.skip_ids(plan))
+        wall = time.perf_counter() - start
+    return RunOutcome(num_requests=run.total, num_resumed=run.num_resumed, num_completed=summary.num_completed,
+                      num_failed=run.progress.num_failed, output_tokens=summary.output_tokens, wall_seconds=wall)
+
+
+class PreparedEngine(NamedTuple):
+    engine: Engine
+    device: torch.device
+
+
+def prepare_engine(plan: Plan, spec: ModelSpec, tokenizer: Any, *, device: str,
+                   threads: int | None) -> PreparedEngine:
+    """The model loaded on `device` ('auto', 'cpu' or 'cuda') and an Engine over `plan` with its backend."""
+    import torch
+
+    from batchrun.attention import select_backend
+    from batchrun.engine.engine import Engine
+    from batchrun.model.loader import load_model
+
     torch_device = resolve_device(device)
     if threads is not None:
         # OpenMP threads that outnumber the free cores spin against each other: on a shared machine one
         # thread per free core is many times faster than one per core.
         torch.set_num_threads(threads)
     loaded = load_model(spec, device=torch_device)
-    tokenizer = load_tokenizer(spec)
-    with open_run(plan, plan_path, output, errors_path=errors_path, spec=spec, device=str(torch_device),
-                  console=console) as run:
-        engine = Engine(loaded, tokenizer, plan, kv_budget_bytes=plan.header.params.kv_budget_bytes,
-                        backend=select_backend(torch_device))
-        start = time.perf_counter()
-        summary = engine.run(run.progress, ProgressMetrics(run.metrics, run.progress), skip_ids=run.skip_ids(plan))
-        wall = time.perf_counter() - start
-    return RunOutcome(num_requests=run.total, num_resumed=run.num_resumed, num_completed=summary.num_completed,
-                      num_failed=run.progress.num_failed, output_tokens=summary.output_tokens, wall_seconds=wall)
+    engine = Engine(loaded, tokenizer, plan, kv_budget_bytes=plan.header.params.kv_budget_bytes,
+                    backend=select_backend(torch_device))
+    return PreparedEngine(engine, torch_device)
