@@ -98,6 +98,7 @@ def test_vllm_run_batch_command_line_with_the_name_changed(tmp_path: Path) -> No
     result = batchrun("run", "-i", str(input_path), "-o", str(output), "--model", "builtin-tiny", "--threads", "1")
     assert result.returncode == 0, result.stderr
     assert len(ids(output)) == 6
+    assert "6 completed, 0 failed, 0 already done;" in result.stdout and f"→ {output}\n" in result.stdout  # one line
     # The plan positional, then with a moved job folder: the plan finds its input relative to itself.
     moved = tmp_path / "moved"
     moved.mkdir()

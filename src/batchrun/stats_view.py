@@ -79,9 +79,9 @@ def _summary_table(report: Report) -> Table:
 def _over_time_table(report: Report) -> Table:
     steps = report.steps
     table = Table(title="over time")
-    for name in ("from s", "to s", "steps", "mean batch", "tokens/step", "prefill tok", "output tok/s", "peak KV"):
-        # A narrow terminal squeezes columns; a header cut to "tokens/…" no longer says what it counts.
-        table.add_column(name, justify="right", min_width=len(name))
+    # Headers are words that wrap when a narrow console squeezes the columns ("tokens/step" was cut to "tokens/…").
+    for name in ("from s", "to s", "steps", "mean batch", "tokens per step", "prefill tok", "output tok/s", "peak KV"):
+        table.add_column(name, justify="right")
     edges = np.linspace(0.0, float(steps.t[-1]), _NUM_WINDOWS + 1)
     tf = "{:.1f}" if edges[-1] >= 10 else "{:.2f}"
     which = np.clip(np.searchsorted(edges, steps.t, side="left") - 1, 0, _NUM_WINDOWS - 1)
