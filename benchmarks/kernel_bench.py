@@ -108,19 +108,19 @@ def cascade_fn(case: Case) -> tuple[float, Callable[[], torch.Tensor]]:
 def torch_cascade_fn(case: Case) -> Callable[[], torch.Tensor] | None:
     """The torch backend, planned once outside the timing as the engine plans once per step."""
     try:
-        from batchrun.attention import AttentionBackend
+        from batchrun.attention import TorchBackend
     except ImportError:
         return None
-    backend = AttentionBackend(case.q.device)
-    group = case.q.shape[1] // case.k_cache.shape[1]
-    prefix_plan = backend.plan_prefix(**case.prefix, group=group)
-    own_plan = backend.plan_own(**case.own, group=group)
+    backend = TorchBackend(case.q.device)
+    gqa_ratio = case.q.shape[1] // case.k_cache.shape[1]
+    prefix_layout = backend.prepare_prefix(**case.prefix, gqa_ratio=gqa_ratio)
+    own_layout = backend.prepare_own(**case.own, gqa_ratio=gqa_ratio)
     rows = torch.arange(case.q.shape[0], device=case.q.device)
 
     def run() -> torch.Tensor:
-        o_pre, lse_pre = backend.prefix(prefix_plan, case.q, case.k_cache, case.v_cache, sm_scale=case.sm_scale)
-        o, lse = backend.own(own_plan, case.q, case.k_cache, case.v_cache, sm_scale=case.sm_scale)
-        backend.merge_state_into(o, lse, o_pre, lse_pre, rows=rows)
+        o_pre, lse_pre = backend.prefix(prefix_layout, case.q, case.k_cache, case.v_cache, sm_scale=case.sm_scale)
+        o, lse = backend.own(own_layout, case.q, case.k_cache, case.v_cache, sm_scale=case.sm_scale)
+        backend.merge_into(o, lse, o_pre, lse_pre, rows=rows)
         return o
 
     return run
