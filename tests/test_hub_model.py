@@ -77,3 +77,10 @@ def test_vllm_style_command_with_a_hub_id(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert sorted(r["id"] for r in rows) == ["q0", "q1", "q2"] and all(1 <= len(r["token_ids"]) <= 4 for r in rows)
+
+
+def test_download_without_a_network_says_the_download_failed(hub_cache: Path, monkeypatch) -> None:
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no request leaves this test
+    with pytest.raises(UserError, match="test-org/absent' not found: .* the download failed"):
+        resolve_model("test-org/absent", download=True)
+    assert resolve_model(REPO_ID, download=True).repo_id == REPO_ID  # in the cache: found, nothing fetched

@@ -81,10 +81,12 @@ def test_changed_job_is_planned_again_before_results_and_refused_after(tmp_path:
         run_job(input_path, output, config=planner_config(min_prefix_len=8), console=quiet())
 
 
-def test_planning_options_with_a_plan_are_refused(tmp_path: Path) -> None:
+def test_planning_options_with_a_plan_and_an_output_folder_are_refused(tmp_path: Path) -> None:
     made = make_plan(small_input(tmp_path), tmp_path / "job.plan")
     with pytest.raises(UserError, match="planning options"):
         run_job(made.path, tmp_path / "out.jsonl", config=planner_config(kv_budget="1GiB"), console=quiet())
+    with pytest.raises(UserError, match=f"{tmp_path} is a directory"):
+        run_job(made.path, tmp_path, console=quiet())
 
 
 def test_spool_stdin_writes_the_whole_stream(tmp_path: Path) -> None:

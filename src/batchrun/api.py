@@ -142,6 +142,9 @@ def run_job(source: str | Path | None, output: str | Path, *, plan: str | Path |
     `download`: a Hub model absent from the Hugging Face cache is fetched into it first."""
     console = console or Console(stderr=True, soft_wrap=True)
     output = Path(output)
+    if output.is_dir():
+        raise UserError(f"{output} is a directory: give the output file's name (e.g. {output / 'out.jsonl'})",
+                        exit_code=EXIT_USAGE)
     found = job_source(_path(source), plan_path=_path(plan), input_path=_path(input))
     if found.plan_path is not None:
         if dtype is not None or config is not None:
