@@ -12,6 +12,11 @@ arguments → same weights. `arch` is one of ARCHS:
   "mistral"      Mistral, sliding_window (4096) larger than max_position_embeddings (so full attention)
   "llama-tied"   tied input/output embeddings
   "llama3-rope"  llama3 rope scaling (theta 5e5, factor 8, original context 64: all three frequency bands)
+  "qwen3"        Qwen3: q/k RMS norms per head, GQA 4:2
+  "gemma3"       Gemma 3 text: (1 + w) norms, pre/post feed-forward norms, q/k norms, GELU-tanh, tied and
+                 scaled embeddings, query_pre_attn_scalar 24, final logit soft-cap 30, a sliding-window layer
+                 (window 64, RoPE base 100) then a full one (base 5000, linear scaling x2)
+  "mistral-window" Mistral with sliding_window 64, below max_position_embeddings (batchrun caps the context)
 Every model: hidden 64, 2 layers, 4 query heads of dim 16, intermediate 128, max_position_embeddings 512.
 Weights are N(0, init_std) (0.15: greedy decoding then gives varied tokens), norm weights 1 + N(0, 0.1)
 and biases N(0, 0.1), so a swapped norm or a dropped bias changes the outputs. `config_overrides` go to the
@@ -25,11 +30,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 BUILTIN_DIR = Path(__file__).resolve().parents[1] / "src" / "batchrun" / "model" / "builtin"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-ARCHS = ("llama", "qwen2", "mistral", "llama-tied", "llama3-rope")
+ARCHS = ("llama", "qwen2", "mistral", "llama-tied", "llama3-rope", "qwen3", "gemma3", "mistral-window")
+WINDOW = 64  # the sliding window of "gemma3" and "mistral-window"
 
 _COMMON: dict[str, Any] = dict(
     vocab_size=4096,
@@ -97,9 +111,17 @@ def _config(arch: str, *, init_std: float, **overrides: Any) -> PretrainedConfig
     elif arch == "qwen2":
         cls = Qwen2Config
         kwargs.pop("head_dim")  # Qwen2 derives it: 64 / 4
-    elif arch == "mistral":
+    elif arch in ("mistral", "mistral-window"):
         cls = MistralConfig
-        kwargs["sliding_window"] = 4096
+        kwargs["sliding_window"] = 4096 if arch == "mistral" else WINDOW
+    elif arch == "qwen3":
+        cls = Qwen3Config
+    elif arch == "gemma3":
+        cls = Gemma3TextConfig
+        kwargs.update(tie_word_embeddings=True, layer_types=["sliding_attention", "full_attention"],
+                      sliding_window=WINDOW, query_pre_attn_scalar=24, final_logit_softcapping=30.0,
+                      rope_local_base_freq=100.0, rope_theta=5000.0,
+                      rope_scaling={"rope_type": "linear", "factor": 2.0})
     else:
         raise ValueError(f"arch {arch!r} is not one of {ARCHS}")
     kwargs.update(overrides)

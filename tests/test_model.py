@@ -17,7 +17,7 @@ from batchrun.model.config import ModelConfig
 from batchrun.model.llama import LlamaModel
 from batchrun.model.loader import load_model
 from batchrun.model.spec import resolve_model
-from checkpoints import ARCHS, make_checkpoint
+from checkpoints import ARCHS, WINDOW, make_checkpoint
 
 CPU = torch.device("cpu")
 PROMPT_LENS = (9, 23)
@@ -215,9 +215,29 @@ def test_unsupported_configs_are_user_errors(tmp_path):
     (path / "config.json").write_text(json.dumps({**raw, "model_type": "gpt2"}))
     with pytest.raises(UserError, match="model_type 'gpt2' is not supported"):
         resolve_model(str(path))
+    for name, extra, match in (("gemma3", {"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
+                               ("gemma3", {"hidden_activation": "relu"}, "hidden_activation 'relu'"),
+                               ("llama", {"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "'yarn'")):
+        path = make_checkpoint(tmp_path, name, name=f"{name}-{match[:6]}")
+        raw = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**raw, **extra, "rope_parameters": None}))
+        with pytest.raises(UserError, match=match):
+            resolve_model(str(path))
+
+
+def test_a_sliding_window_caps_the_context(tmp_path):
+    """Windowed attention is not implemented: the context is capped at the window, where it computes the same."""
     short_window = make_checkpoint(tmp_path, "mistral", sliding_window=128)
-    with pytest.raises(UserError, match="sliding_window 128 is smaller than max_position_embeddings 512"):
-        resolve_model(str(short_window))
+    config = resolve_model(str(short_window)).config
+    assert (config.sliding_window, config.max_context_len, config.max_position_embeddings) == (128, 128, 512)
+    assert "sliding window" in config.context_name
+    wide = resolve_model(str(make_checkpoint(tmp_path, "mistral", name="wide"))).config  # window 4096 > 512
+    assert (wide.sliding_window, wide.max_context_len) == (None, 512)
+    gemma = resolve_model(str(make_checkpoint(tmp_path, "gemma3"))).config
+    assert gemma.max_context_len == WINDOW and gemma.variant.is_local_layer == (True, False)
+    qwen3 = resolve_model(str(make_checkpoint(tmp_path, "qwen3", use_sliding_window=True, sliding_window=100,
+                                              max_window_layers=1))).config
+    assert qwen3.max_context_len == 100
 
 
 def test_old_and_new_rope_config_layouts_agree(tmp_path):

@@ -4,6 +4,7 @@ files, the tables and the plot."""
 from __future__ import annotations
 
 import io
+import sys
 
 import orjson
 import pytest
@@ -194,3 +195,21 @@ def test_plot_report_renders(out_a, tmp_path):
     pixels = image.imread(png)
     assert pixels.shape[:2] == (900, 1000)
     assert pixels[..., :3].std() > 0.05  # not blank
+
+
+def test_over_time_headers_wrap_not_cut_on_a_narrow_console(tmp_path):
+    out = tmp_path / "out.jsonl"
+    write_jsonl(out, [plain_ok("a", 200, 3)])
+    write_jsonl(metrics_path_for(out), [run(kv_budget_bytes=10**12)]
+                + [step(float(i), 1.0, 12, 12, 1234, 10**9) for i in range(1, 50)])
+    buf = io.StringIO()
+    render_report(Console(file=buf, width=80, color_system=None), load_report(out))
+    over_time = buf.getvalue().split("over time")[1]
+    assert "…" not in over_time and "per step" in over_time and "tok/s" in over_time
+
+
+def test_plot_without_matplotlib_says_how_to_install_it(out_a, tmp_path, monkeypatch):
+    for name in ("matplotlib", "matplotlib.backends.backend_agg", "matplotlib.figure"):
+        monkeypatch.setitem(sys.modules, name, None)  # importing it now raises ImportError
+    with pytest.raises(UserError, match=r"pip install 'batchrun\[plot\]'"):
+        plot_report(load_report(out_a), tmp_path / "r.png")

@@ -8,14 +8,17 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import orjson
 import typer
 from rich.console import Console
 
 from batchrun import __version__, defaults
-from batchrun.errors import EXIT_FAILED, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED, UserError
+from batchrun.errors import EXIT_FAILED, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, UserError
+
+if TYPE_CHECKING:
+    from batchrun.planner import PlannerConfig
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -27,9 +30,12 @@ out = Console()
 err = Console(stderr=True, soft_wrap=True)  # messages stay one line in logs, however long
 F = TypeVar("F", bound=Callable[..., Any])
 
-ModelOption = Annotated[str, typer.Option("--model", "-m", help="A Hugging Face model directory, or the name "
-                                          f"of a built-in model ({defaults.BUILTIN_MODEL}: tiny, random "
+ModelOption = Annotated[str, typer.Option("--model", "-m", help="A Hub id found in the local Hugging Face cache "
+                                          "(e.g. Qwen/Qwen2.5-0.5B-Instruct; see --download), a model directory, "
+                                          f"or the name of a built-in model ({defaults.BUILTIN_MODEL}: tiny, random "
                                           "weights, meaningless text; for demos and tests).")]
+DownloadOption = Annotated[bool, typer.Option("--download", help="Fetch a Hub model absent from the Hugging Face "
+                                              "cache (by default nothing is downloaded).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object (last line of stdout) instead "
                                           "of tables.")]
 
@@ -95,80 +101,130 @@ def main_options(
                                           help="Print batchrun's version and exit.")] = False,
 ) -> None:
     """Offline batch LLM inference over JSONL files, planned globally so shared prompt prefixes are computed
-    once. Typical use: `batchrun plan in.jsonl -o job.plan`, then `batchrun run --plan job.plan -o out.jsonl`,
-    then `batchrun stats out.jsonl`."""
+    once. Typical use: `batchrun run in.jsonl -o out.jsonl` (plans, then runs; the same command resumes),
+    then `batchrun stats out.jsonl`; or in two steps, `batchrun plan in.jsonl -o job.plan`, then
+    `batchrun run job.plan -o out.jsonl`."""
+
+
+InputOption = Annotated[Path | None, typer.Option("--input", "-i", help="Input JSONL, as an option (as vLLM's "
+                                                  "run-batch takes it); '-' reads standard input.",
+                                                  show_default=False)]
+DtypeOption = Annotated[str | None, typer.Option(help="Weights and KV dtype: float32, bfloat16 or float16 "
+                                                 "[default: the model's own].", show_default=False)]
+KvBudgetOption = Annotated[str | None, typer.Option(help="KV-cache memory that one batch may hold (e.g. 4GiB, "
+                                                    "512MiB); batches are sized by it "
+                                                    f"[default: {defaults.KV_BUDGET}].", show_default=False)]
+MinPrefixOption = Annotated[int | None, typer.Option(min=1, help="Shortest prefix worth sharing, in tokens "
+                                                     f"[default: {defaults.MIN_PREFIX_LEN}].", show_default=False)]
+MaxLevelsOption = Annotated[int | None, typer.Option(min=1, help="Deepest chain of shared prefixes (system prompt "
+                                                     f"→ document → ...) [default: {defaults.MAX_LEVELS}].",
+                                                     show_default=False)]
+ShareOption = Annotated[bool | None, typer.Option("--share/--no-share", help="Share prefixes (--no-share runs "
+                                                  "every request alone: to measure what sharing gains) "
+                                                  "[default: share].", show_default=False)]
 
 
 @app.command()
 @user_errors
 def plan(
     input: Annotated[Path | None, typer.Argument(help="Input JSONL: one request per line (plain or OpenAI "
-                                                 "batch format).", show_default=False)] = None,
+                                                 "batch format); '-' reads standard input (kept beside the "
+                                                 "plan as PLAN.input.jsonl).", show_default=False)] = None,
+    input_option: InputOption = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Where to write the plan "
                                                 "[default: INPUT with the suffix .plan].")] = None,
     model: ModelOption = defaults.BUILTIN_MODEL,
-    kv_budget: Annotated[str, typer.Option(help="KV-cache memory that one batch may hold (e.g. 4GiB, "
-                                           "512MiB); batches are sized by it.")] = defaults.KV_BUDGET,
-    min_prefix_len: Annotated[int, typer.Option(min=1, help="Shortest prefix worth sharing, in tokens.")]
-    = defaults.MIN_PREFIX_LEN,
-    max_levels: Annotated[int, typer.Option(min=1, help="Deepest chain of shared prefixes (system prompt → "
-                                            "document → ...).")] = defaults.MAX_LEVELS,
-    share: Annotated[bool, typer.Option("--share/--no-share", help="Share prefixes (--no-share runs every "
-                                        "request alone: to measure what sharing gains).")] = True,
-    dtype: Annotated[str | None, typer.Option(help="Weights and KV dtype: float32, bfloat16 or float16 "
-                                              "[default: the model's own].")] = None,
+    kv_budget: KvBudgetOption = None,
+    min_prefix_len: MinPrefixOption = None,
+    max_levels: MaxLevelsOption = None,
+    share: ShareOption = None,
+    dtype: DtypeOption = None,
+    download: DownloadOption = False,
     show: Annotated[Path | None, typer.Option("--show", help="Print an existing plan's summary and groups "
                                               "instead of planning.", show_default=False)] = None,
     groups: Annotated[int, typer.Option(help="With --show: how many groups to list.")] = 20,
     json: JsonOption = False,
 ) -> None:
     """Tokenize INPUT, find the prompt prefixes requests share, group and order them, and write a plan."""
-    from batchrun.model.spec import resolve_model
-    from batchrun.plan_view import plan_summary_json, render_plan_groups, render_plan_summary
-    from batchrun.planfile import check_plan_target, load_plan, save_plan
-    from batchrun.planner import PlannerConfig
-    from batchrun.planning import build_plan
-    from batchrun.sizes import parse_size
-    from batchrun.tokenizer import load_tokenizer
+    from batchrun.api import make_plan
+    from batchrun.plan_view import plan_summary_json, render_plan_summary
 
+    input = _one_input(input, input_option)
     if show is not None:
-        shown = load_plan(show)
-        if json:
-            _print_json(plan_summary_json(shown.header))
-            return
-        render_plan_summary(out, shown.header, title=f"plan {show}")
-        render_plan_groups(out, shown, load_tokenizer(resolve_model(shown.header.model_path)), limit=groups)
+        if input is not None:
+            raise UserError(f"give INPUT to plan or --show PLAN to look at a plan, not both ({input} and --show "
+                            f"{show})", exit_code=EXIT_USAGE)
+        _show_plan(show, groups=groups, json=json)
         return
     if input is None:
-        raise UserError("give the INPUT file to plan (or --show PLAN to look at a plan)", exit_code=2)
-    target = output or input.with_suffix(".plan")
-    check_plan_target(target, input_path=input)
-    spec = resolve_model(model, dtype=dtype)
-    config = PlannerConfig(kv_budget_bytes=parse_size(kv_budget), min_prefix_len=min_prefix_len,
-                           max_levels=max_levels, share=share)
-    made = build_plan(input, spec, load_tokenizer(spec), config)
-    save_plan(made, target)
+        raise UserError("give the INPUT file to plan (or --show PLAN to look at a plan)", exit_code=EXIT_USAGE)
+    made = make_plan(input, output, model=model, dtype=dtype, download=download,
+                     config=_planner_config(kv_budget, min_prefix_len, max_levels, share, always=True))
     if json:
-        _print_json({**plan_summary_json(made.header), "plan": str(target)})
+        _print_json({**plan_summary_json(made.plan.header), "plan": str(made.path)})
     else:
-        render_plan_summary(out, made.header, title=f"plan written to {target}")
-        if made.invalid:
-            first = made.invalid[0]
-            err.print(f"{len(made.invalid)} invalid line(s), kept as error records; the first: "
+        render_plan_summary(out, made.plan.header, title=f"plan written to {made.path}")
+        if made.plan.invalid:
+            first = made.plan.invalid[0]
+            err.print(f"{len(made.plan.invalid)} invalid line(s), kept as error records; the first: "
                       f"line {first.line}: {first.message}", highlight=False)
+
+
+def _show_plan(path: Path, *, groups: int, json: bool) -> None:
+    from batchrun.model.spec import resolve_model
+    from batchrun.plan_view import plan_summary_json, render_plan_groups, render_plan_summary
+    from batchrun.planfile import load_plan
+    from batchrun.tokenizer import load_tokenizer
+
+    shown = load_plan(path)
+    if json:
+        _print_json(plan_summary_json(shown.header))
+        return
+    render_plan_summary(out, shown.header, title=f"plan {path}")
+    render_plan_groups(out, shown, load_tokenizer(resolve_model(shown.header.model_path)), limit=groups)
+
+
+def _one_input(argument: Path | None, option: Path | None) -> Path | None:
+    if argument is not None and option is not None:
+        raise UserError(f"two inputs given: {argument} and --input {option}; give one", exit_code=EXIT_USAGE)
+    return argument if argument is not None else option
+
+
+def _planner_config(kv_budget: str | None, min_prefix_len: int | None, max_levels: int | None,
+                    share: bool | None, *, always: bool) -> PlannerConfig | None:
+    """The planning options given (defaults for the rest); None when none was given and `always` is false."""
+    from batchrun.api import planner_config
+
+    given = {k: v for k, v in dict(kv_budget=kv_budget, min_prefix_len=min_prefix_len, max_levels=max_levels,
+                                   share=share).items() if v is not None}
+    return planner_config(**given) if given or always else None
 
 
 @app.command()
 @user_errors
 def run(
-    plan_path: Annotated[Path, typer.Option("--plan", "-p", help="The plan made by `batchrun plan`.",
-                                            show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output JSONL: one line per request, appended "
                                          "as each finishes; run again to resume.", show_default=False)],
+    source: Annotated[Path | None, typer.Argument(help="A plan made by `batchrun plan`, or an input JSONL: then "
+                                                  "it is planned first, into OUT.plan beside the output, and "
+                                                  "the same command resumes.", show_default=False)] = None,
+    plan_path: Annotated[Path | None, typer.Option("--plan", "-p", help="The plan made by `batchrun plan` (or "
+                                                   "give it as SOURCE).", show_default=False)] = None,
+    input: Annotated[Path | None, typer.Option("--input", "-i", help="An input JSONL to plan and run ('-': "
+                                               "standard input); with a plan: the plan's input, found elsewhere "
+                                               "than the plan records.", show_default=False)] = None,
     errors: Annotated[Path | None, typer.Option("--errors", help="Write error lines here instead of into the "
                                                 "output (as the OpenAI Batch API does).", show_default=False)] = None,
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Another copy of the plan's model "
-                                              "[default: the model the plan names].", show_default=False)] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="With a plan: another copy of the plan's "
+                                              "model [default: the model the plan names]. With an input: as "
+                                              f"`plan --model` [default: {defaults.BUILTIN_MODEL}].",
+                                              show_default=False)] = None,
+    kv_budget: KvBudgetOption = None,
+    min_prefix_len: MinPrefixOption = None,
+    max_levels: MaxLevelsOption = None,
+    share: ShareOption = None,
+    dtype: DtypeOption = None,
+    download: DownloadOption = False,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = defaults.DEVICE,
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for the model on the CPU [default: "
                                                 "torch's, one per core]; fewer when other jobs share the cores.",
@@ -181,17 +237,14 @@ def run(
                                                     show_default=False)] = None,
     json: JsonOption = False,
 ) -> None:
-    """Execute a plan: each shared prefix computed once, every result appended to the output as it finishes."""
-    if workers is not None or ray_address is not None:
-        from batchrun.distributed.driver import run_distributed
+    """Execute a plan (or plan an input, then execute it): each shared prefix computed once, every result
+    appended to the output as it finishes."""
+    from batchrun.api import run_job
 
-        outcome = run_distributed(plan_path, output, errors_path=errors, model=model, device=device,
-                                  workers=workers, ray_address=ray_address, console=err)
-    else:
-        from batchrun.runner import run_plan_file
-
-        outcome = run_plan_file(plan_path, output, errors_path=errors, model=model, device=device, threads=threads,
-                                console=err)
+    outcome = run_job(source, output, plan=plan_path, input=input, errors=errors, model=model, dtype=dtype,
+                      config=_planner_config(kv_budget, min_prefix_len, max_levels, share, always=False),
+                      device=device, threads=threads, workers=workers, ray_address=ray_address, download=download,
+                      console=err)
     summary = {"requests": outcome.num_requests, "resumed": outcome.num_resumed,
                "completed": outcome.num_completed, "failed": outcome.num_failed,
                "output_tokens": outcome.output_tokens, "wall_seconds": round(outcome.wall_seconds, 3),
@@ -201,7 +254,7 @@ def run(
     else:
         out.print(f"{outcome.num_completed} completed, {outcome.num_failed} failed, {outcome.num_resumed} "
                   f"already done; {outcome.output_tokens} output tokens in {outcome.wall_seconds:.1f}s → "
-                  f"{output}", highlight=False)
+                  f"{output}", highlight=False, soft_wrap=True)
     if not outcome.is_clean:
         raise typer.Exit(EXIT_FAILED)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,7 +60,7 @@ class PlanSummary:
 
 @dataclass(frozen=True)
 class PlanHeader:
-    input_path: str
+    input_path: str  # relative to the plan file's folder (absolute in plans made before batchrun recorded it so)
     input_fingerprint: str
     model_name: str
     model_path: str  # a built-in name, or the model directory's absolute path
@@ -83,6 +84,10 @@ class PlanHeader:
             raise ValueError("plan header field 'kv_bytes_per_token' is not a positive integer")
         if not isinstance(self.params, PlannerConfig) or not isinstance(self.summary, PlanSummary):
             raise ValueError("plan header fields 'params' and 'summary' must be objects")
+
+    def input_file(self, plan_path: Path) -> Path:
+        """The input file of the plan stored at `plan_path` (an absolute input_path stays as it is)."""
+        return plan_path.parent / self.input_path
 
     @property
     def fingerprint(self) -> str:

@@ -5,6 +5,7 @@ records) → token ids → validation against the model and the KV budget → pl
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,11 +14,13 @@ from typing import Any
 import numpy as np
 
 from batchrun import __version__
-from batchrun.errors import UserError
+from batchrun.errors import EXIT_USAGE, UserError
 from batchrun.model.spec import ModelSpec
 from batchrun.plan import Plan, PlanHeader, PlanSummary
+from batchrun.planfile import check_plan_target, save_plan
 from batchrun.planner import PlannerConfig, plan_requests
 from batchrun.requests import InputReader, InvalidLine, ParsedLine, Request
+from batchrun.sizes import human_bytes
 from batchrun.tokenizer import EncodeError, encode_lines
 from batchrun.tokens import TokenTable
 
@@ -52,6 +55,7 @@ def build_plan(input_path: Path, spec: ModelSpec, tokenizer: Any, config: Planne
         raise UserError(f"{input_path}: the file is empty (expected one JSON request per line)")
     if num_json == 0:
         raise UserError(f"{input_path}: not a JSONL file (no line is a JSON value; expected one request per line)")
+    _check_budget_fits_any(invalid, requests, config)
     invalid = _with_file_format(invalid, requests)
     indptr = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=indptr[1:])
@@ -73,6 +77,29 @@ def build_plan(input_path: Path, spec: ModelSpec, tokenizer: Any, config: Planne
     )
     return Plan(header=header, requests=requests, invalid=sorted(invalid, key=lambda r: r.line),
                 tokens=tokens, layout=layout)
+
+
+def plan_to_file(input_path: Path, target: Path, *, spec: ModelSpec, tokenizer: Any,
+                 config: PlannerConfig) -> Plan:
+    """build_plan, then the plan saved at `target` with its input path recorded relative to the plan's folder,
+    so that moving the folder that holds both keeps `run` working."""
+    if target.is_dir():
+        example = target / (input_path.stem + ".plan")
+        raise UserError(f"{target} is a directory: give the plan's file name (e.g. {example})", exit_code=EXIT_USAGE)
+    check_plan_target(target, input_path=input_path)
+    plan = build_plan(input_path, spec, tokenizer, config)
+    relative = os.path.relpath(input_path.resolve(), target.resolve().parent)
+    plan = dataclasses.replace(plan, header=dataclasses.replace(plan.header, input_path=relative))
+    save_plan(plan, target)
+    return plan
+
+
+def _check_budget_fits_any(invalid: list[InvalidLine], requests: list[Request], config: PlannerConfig) -> None:
+    """A KV budget that no request fits is a mistake in the options, not in the input: refused as such."""
+    if requests or not invalid or any(r.code != "kv_budget_exceeded" for r in invalid):
+        return
+    raise UserError(f"no request fits the KV budget of {human_bytes(config.kv_budget_bytes)}; line "
+                    f"{invalid[0].line}: {invalid[0].message}", exit_code=EXIT_USAGE)
 
 
 def _with_file_format(invalid: list[InvalidLine], requests: list[Request]) -> list[InvalidLine]:
@@ -108,15 +135,16 @@ def _token_problem(parsed: ParsedLine, ids: list[int] | EncodeError, spec: Model
         return InvalidLine(req.line, req.id, req.format, "invalid_prompt",
                            f"field {field!r}: token id {max(ids)} is outside the model's vocabulary of "
                            f"{spec.config.vocab_size} (its tokenizer has tokens its embedding lacks)")
-    context = spec.config.max_position_embeddings
+    context = spec.config.max_context_len
     max_tokens = req.sampling.max_tokens
     if len(ids) + max_tokens > context:
         return InvalidLine(req.line, req.id, req.format, "context_length_exceeded",
                            f"field {field!r}: {len(ids)} prompt tokens plus max_tokens {max_tokens} exceed "
-                           f"the model's context of {context} tokens")
+                           f"{spec.config.context_name} of {context} tokens")
     need = (len(ids) + max_tokens) * spec.config.kv_bytes_per_token
     if need > config.kv_budget_bytes:
+        # Not the prompt's fault: the option is too small for it.
         return InvalidLine(req.line, req.id, req.format, "kv_budget_exceeded",
-                           f"field {field!r}: this request alone needs {need} bytes of KV cache, above the KV "
-                           f"budget of {config.kv_budget_bytes} bytes (raise --kv-budget)")
+                           f"this request alone needs {human_bytes(need)} of KV cache, above the KV budget of "
+                           f"{human_bytes(config.kv_budget_bytes)} (raise --kv-budget)")
     return None

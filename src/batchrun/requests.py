@@ -116,7 +116,8 @@ class InputReader:
         try:
             obj = _loads(raw)
         except ValueError as e:
-            return InvalidLine(line_no, None, "plain", "invalid_json", f"line is not valid JSON: {e}")
+            return InvalidLine(line_no, None, "plain", "invalid_json", f"line is not valid JSON: {e} (JSONL holds "
+                               "one JSON object per line: an object written over several lines is invalid)")
         fmt: Format = "openai" if isinstance(obj, dict) and _looks_openai(obj) else "plain"
         rid = _peek_id(obj, fmt)
         try:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from rich.console import Console
 
@@ -22,11 +22,13 @@ from batchrun.output import OutputWriter
 from batchrun.plan import Plan
 from batchrun.plan_checks import check_plan, check_plan_tokens
 from batchrun.planfile import load_plan
-from batchrun.progress import ProgressWriter
+from batchrun.progress import ProgressMetrics, ProgressWriter
 from batchrun.requests import file_fingerprint
 
 if TYPE_CHECKING:
     import torch
+
+    from batchrun.engine.engine import Engine
 
 
 @dataclass(frozen=True)
@@ -57,12 +59,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def plan_model(plan: Plan, model: str | None) -> ModelSpec:
-    """The model to run: the one the plan names, or `model` (another copy of it); refused if it differs."""
+def plan_model(plan: Plan, *, plan_path: Path, model: str | None, input_path: Path | None = None) -> ModelSpec:
+    """The model to run: the one the plan names, or `model` (another copy of it); refused if it differs, or
+    if the plan's input (`input_path` when given, else the one the plan records) has changed."""
     spec = resolve_model(model or plan.header.model_path, dtype=plan.header.model_dtype)
-    check_plan(plan.header, input_fingerprint=file_fingerprint(Path(plan.header.input_path)), model=spec)
+    check_plan(plan.header, input_fingerprint=file_fingerprint(plan_input(plan, plan_path, input_path)), model=spec)
     check_plan_tokens(plan.tokens, model=spec)
     return spec
+
+
+def plan_input(plan: Plan, plan_path: Path, input_path: Path | None) -> Path:
+    """`input_path`, or the input the plan records (relative to its folder); UserError saying how to give it."""
+    if input_path is not None:
+        return input_path
+    recorded = plan.header.input_file(plan_path)
+    if not recorded.is_file():
+        raise UserError(f"the plan's input {recorded} is not there (the plan records {plan.header.input_path!r}, "
+                        "relative to the plan's folder): give the input with --input FILE")
+    return recorded
 
 
 @dataclass
@@ -82,23 +96,26 @@ class RunSession:
 
 @contextmanager
 def open_run(plan: Plan, plan_path: Path, output: Path, *, errors_path: Path | None, spec: ModelSpec,
-             device: str, console: Console, **run_info: object) -> Iterator[RunSession]:
+             device: str, console: Console, input_path: Path | None = None,
+             **run_info: object) -> Iterator[RunSession]:
     """Opens the output for appending (resuming what is there), the progress display and the metrics file,
     and writes an error line for each of the plan's invalid records not yet in the output. The caller has
     called check_output before loading a model, so that a mistake fails fast; the output is claimed here for
     the whole run (claim.py: locked, proven to be this plan's, the recorded errors file re-used)."""
-    with _claim(plan, plan_path, output, errors_path=errors_path) as claimed, \
+    with _claim(plan, plan_path, output, errors_path=errors_path, input_path=input_path) as claimed, \
             OutputWriter(output, errors_path=claimed.errors_path, model_name=spec.name) as writer:
         errors_path = claimed.errors_path
         info = {"plan_fingerprint": plan.header.fingerprint, "plan": str(plan_path.resolve()),
                 "kv_budget_bytes": plan.header.params.kv_budget_bytes, "device": device, "model": spec.name,
                 "dtype": spec.config.dtype, "errors_path": str(errors_path.resolve()) if errors_path else None,
                 **run_info}
-        num_resumed = sum(map(writer.is_done, plan.requests)) + sum(map(writer.is_done, plan.invalid))
+        is_done = [writer.is_done(r) for r in plan.requests]
+        num_resumed = sum(is_done) + sum(map(writer.is_done, plan.invalid))
         error_lines = writer.done_lines()
         num_resumed_failed = sum(r.line in error_lines for r in (*plan.requests, *plan.invalid))
         total = len(plan.requests) + len(plan.invalid)
-        with ProgressWriter(writer, total=total, num_done=num_resumed, console=console,
+        total_tokens = sum(r.sampling.max_tokens for r, done in zip(plan.requests, is_done, strict=True) if not done)
+        with ProgressWriter(writer, total=total, num_done=num_resumed, console=console, total_tokens=total_tokens,
                             interval_s=defaults.PROGRESS_INTERVAL_S) as progress, \
                 MetricsRecorder(metrics_path_for(output), run_info=info) as metrics:
             for record in plan.invalid:
@@ -107,44 +124,59 @@ def open_run(plan: Plan, plan_path: Path, output: Path, *, errors_path: Path | N
             yield RunSession(writer, progress, metrics, num_resumed, num_resumed_failed, total)
 
 
-def check_output(plan: Plan, plan_path: Path, output: Path, *, errors_path: Path | None) -> None:
+def check_output(plan: Plan, plan_path: Path, output: Path, *, errors_path: Path | None,
+                 input_path: Path | None = None) -> None:
     """Refuses (UserError) an output that open_run could not claim: claimed and released at once."""
-    with _claim(plan, plan_path, output, errors_path=errors_path):
+    with _claim(plan, plan_path, output, errors_path=errors_path, input_path=input_path):
         pass
 
 
-def _claim(plan: Plan, plan_path: Path, output: Path, *,
-           errors_path: Path | None) -> AbstractContextManager[ClaimedOutput]:
+def _claim(plan: Plan, plan_path: Path, output: Path, *, errors_path: Path | None,
+           input_path: Path | None) -> AbstractContextManager[ClaimedOutput]:
     return claim_output(output, errors_path=errors_path, plan_path=plan_path,
-                        input_path=Path(plan.header.input_path), plan_fingerprint=plan.header.fingerprint)
+                        input_path=input_path or plan.header.input_file(plan_path),
+                        plan_fingerprint=plan.header.fingerprint)
 
 
 def run_plan_file(plan_path: Path, output: Path, *, errors_path: Path | None, model: str | None, device: str,
-                  console: Console, threads: int | None = None) -> RunOutcome:
+                  console: Console, threads: int | None = None, input_path: Path | None = None) -> RunOutcome:
+    from batchrun.tokenizer import load_tokenizer
+
+    plan = load_plan(plan_path)
+    spec = plan_model(plan, plan_path=plan_path, model=model, input_path=input_path)
+    # before the slow model load: a mistake fails fast
+    check_output(plan, plan_path, output, errors_path=errors_path, input_path=input_path)
+    engine, torch_device = prepare_engine(plan, spec, load_tokenizer(spec), device=device, threads=threads)
+    with open_run(plan, plan_path, output, errors_path=errors_path, spec=spec, device=str(torch_device),
+                  console=console, input_path=input_path) as run:
+        start = time.perf_counter()
+        summary = engine.run(run.progress, ProgressMetrics(run.metrics, run.progress), skip_ids=run.skip_ids(plan))
+        wall = time.perf_counter() - start
+    return RunOutcome(num_requests=run.total, num_resumed=run.num_resumed, num_completed=summary.num_completed,
+                      num_failed=run.progress.num_failed, num_resumed_failed=run.num_resumed_failed,
+                      output_tokens=summary.output_tokens, wall_seconds=wall)
+
+
+class PreparedEngine(NamedTuple):
+    engine: Engine
+    device: torch.device
+
+
+def prepare_engine(plan: Plan, spec: ModelSpec, tokenizer: Any, *, device: str,
+                   threads: int | None) -> PreparedEngine:
+    """The model loaded on `device` ('auto', 'cpu' or 'cuda') and an Engine over `plan` with its backend."""
     import torch
 
     from batchrun.attention import select_backend
     from batchrun.engine.engine import Engine
     from batchrun.model.loader import load_model
-    from batchrun.tokenizer import load_tokenizer
 
-    plan = load_plan(plan_path)
-    spec = plan_model(plan, model)
-    check_output(plan, plan_path, output, errors_path=errors_path)  # before the slow model load: fails fast
     torch_device = resolve_device(device)
     if threads is not None:
         # OpenMP threads that outnumber the free cores spin against each other: on a shared machine one
         # thread per free core is many times faster than one per core.
         torch.set_num_threads(threads)
     loaded = load_model(spec, device=torch_device)
-    tokenizer = load_tokenizer(spec)
-    with open_run(plan, plan_path, output, errors_path=errors_path, spec=spec, device=str(torch_device),
-                  console=console) as run:
-        engine = Engine(loaded, tokenizer, plan, kv_budget_bytes=plan.header.params.kv_budget_bytes,
-                        backend=select_backend(torch_device))
-        start = time.perf_counter()
-        summary = engine.run(run.progress, run.metrics, skip_ids=run.skip_ids(plan))
-        wall = time.perf_counter() - start
-    return RunOutcome(num_requests=run.total, num_resumed=run.num_resumed, num_completed=summary.num_completed,
-                      num_failed=run.progress.num_failed, num_resumed_failed=run.num_resumed_failed,
-                      output_tokens=summary.output_tokens, wall_seconds=wall)
+    engine = Engine(loaded, tokenizer, plan, kv_budget_bytes=plan.header.params.kv_budget_bytes,
+                    backend=select_backend(torch_device))
+    return PreparedEngine(engine, torch_device)

@@ -79,7 +79,8 @@ def _summary_table(report: Report) -> Table:
 def _over_time_table(report: Report) -> Table:
     steps = report.steps
     table = Table(title="over time")
-    for name in ("from s", "to s", "steps", "mean batch", "tokens/step", "prefill tok", "output tok/s", "peak KV"):
+    # Headers are words that wrap when a narrow console squeezes the columns ("tokens/step" was cut to "tokens/…").
+    for name in ("from s", "to s", "steps", "mean batch", "tokens per step", "prefill tok", "output tok/s", "peak KV"):
         table.add_column(name, justify="right")
     edges = np.linspace(0.0, float(steps.t[-1]), _NUM_WINDOWS + 1)
     tf = "{:.1f}" if edges[-1] >= 10 else "{:.2f}"
@@ -135,7 +136,7 @@ def plot_report(reports: Report | Sequence[Report], path: str | os.PathLike[str]
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise UserError("plotting needs matplotlib: pip install matplotlib") from None
+        raise UserError("--plot needs matplotlib: pip install 'batchrun[plot]'") from None
     if isinstance(reports, Report):
         reports = [reports]
     # Figure + the Agg canvas directly: no pyplot, so no global backend or figure state is touched.

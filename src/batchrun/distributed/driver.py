@@ -49,7 +49,8 @@ def run_distributed(plan_path: Path, output: Path, *, errors_path: Path | None, 
                     workers: int | None, ray_address: str | None, console: Console,
                     cpus_per_worker: int | None = None, tail_units_per_worker: int = TAIL_UNITS_PER_WORKER,
                     results_per_batch: int = FLUSH_RESULTS,
-                    on_batch: Callable[[BatchEvent], None] | None = None) -> ClusterOutcome:
+                    on_batch: Callable[[BatchEvent], None] | None = None,
+                    input_path: Path | None = None) -> ClusterOutcome:
     """`batchrun run` over many workers: the same output, resume rules and metrics file as a single run.
 
     Starts a local Ray cluster of `workers` workers, or joins the cluster at `ray_address` (then `workers`
@@ -57,14 +58,15 @@ def run_distributed(plan_path: Path, output: Path, *, errors_path: Path | None, 
     UserError when Ray is missing, the options do not fit the cluster, or every worker died (resume later).
     `tail_units_per_worker` sets the smallest unit (units.py); `results_per_batch` caps the results a worker
     sends in one message (it also sends what it has every FLUSH_INTERVAL_S); `on_batch` is called after each
-    batch is written.
+    batch is written; `input_path` overrides the input the plan records (`run --input`).
     """
     if device not in ("auto", "cpu", "cuda"):
         raise UserError(f"--device must be auto, cpu or cuda, not {device!r}", exit_code=2)
     ray = _import_ray()
     plan = load_plan(plan_path)
-    spec = plan_model(plan, model)
-    check_output(plan, plan_path, output, errors_path=errors_path)  # before starting Ray: fails fast
+    spec = plan_model(plan, plan_path=plan_path, model=model, input_path=input_path)
+    # before starting Ray: a mistake fails fast
+    check_output(plan, plan_path, output, errors_path=errors_path, input_path=input_path)
     is_owner = not ray.is_initialized()
     watchdog = None
     if is_owner:

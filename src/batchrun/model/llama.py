@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from batchrun.model.config import ModelConfig, RopeScaling
+from batchrun.model.config import LinearRopeScaling, ModelConfig, RopeScaling
 
 # attention(layer, q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, D]) -> o [N, Hq, D]
 AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -130,12 +130,14 @@ def rope_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return emb.cos(), sin
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
-    """float32 [D/2] inverse frequencies, computed as transformers' default and llama3 RoPE initialisers."""
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | LinearRopeScaling | None) -> torch.Tensor:
+    """float32 [D/2] inverse frequencies, computed as transformers' default, linear and llama3 RoPE initialisers."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
     inv_freq = 1.0 / (theta**exponents)
     if scaling is None:
         return inv_freq
+    if isinstance(scaling, LinearRopeScaling):
+        return inv_freq / scaling.factor
     old_context_len = scaling.original_max_position_embeddings
     low_freq_wavelen = old_context_len / scaling.low_freq_factor
     high_freq_wavelen = old_context_len / scaling.high_freq_factor

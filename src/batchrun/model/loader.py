@@ -21,6 +21,7 @@ from batchrun.errors import UserError
 from batchrun.model.config import ModelConfig
 from batchrun.model.llama import LayerWeights, LlamaModel, ModelWeights
 from batchrun.model.spec import ModelSpec
+from batchrun.model.variant import VariantLayerWeights, VariantModel
 
 INDEX_FILE = "model.safetensors.index.json"
 BUILTIN_INIT_STD = 0.02
@@ -40,14 +41,19 @@ def load_model(spec: ModelSpec, *, device: torch.device, dtype: torch.dtype | No
         else:
             source = _SafetensorsSource(spec.path, stack)
         weights = _assemble(config, source, device=device, dtype=dtype)
-    return LlamaModel(config, weights)
+        if config.variant is None:
+            return LlamaModel(config, weights)
+        extras = tuple(_assemble_variant_layer(config, i, source, device=device, dtype=dtype)
+                       for i in range(config.num_layers))
+    return VariantModel(config, weights, extras)
 
 
 def hf_parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every Hugging Face parameter the model reads, in the fixed order the built-in weights are drawn in.
 
     Order: model.embed_tokens, then per layer q, k, v, o, gate, up, down projections (with their biases
-    where the architecture has them) and the two norms, then model.norm, then lm_head (absent when tied).
+    where the architecture has them) and the two norms (then the q/k norms of Qwen3 and Gemma 3, and Gemma's
+    two feed-forward norms), then model.norm, then lm_head (absent when tied).
     """
     hidden, inter, head_dim = config.hidden_size, config.intermediate_size, config.head_dim
     q_dim, kv_dim = config.num_heads * head_dim, config.num_kv_heads * head_dim
@@ -66,15 +72,26 @@ def hf_parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes[f"{mlp}.down_proj.weight"] = (hidden, inter)
         shapes[f"model.layers.{i}.input_layernorm.weight"] = (hidden,)
         shapes[f"model.layers.{i}.post_attention_layernorm.weight"] = (hidden,)
+        shapes.update(_variant_shapes(config, i))
     shapes["model.norm.weight"] = (hidden,)
     if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (config.vocab_size, hidden)
     return shapes
 
 
+def _variant_shapes(config: ModelConfig, i: int) -> dict[str, tuple[int, ...]]:
+    variant, layer = config.variant, f"model.layers.{i}"
+    shapes: dict[str, tuple[int, ...]] = {}
+    if variant is not None and variant.qk_norm:
+        shapes |= {f"{layer}.self_attn.{n}_norm.weight": (config.head_dim,) for n in ("q", "k")}
+    if variant is not None and variant.is_gemma:
+        shapes |= {f"{layer}.{n}_feedforward_layernorm.weight": (config.hidden_size,) for n in ("pre", "post")}
+    return shapes
+
+
 def _has_o_bias(config: ModelConfig) -> bool:
-    # Llama's `attention_bias` covers o_proj too; Qwen2's q/k/v biases do not extend to o_proj.
-    return config.attention_bias and config.model_type == "llama"
+    # Llama's, Qwen3's and Gemma's `attention_bias` cover o_proj too; Qwen2's q/k/v biases do not.
+    return config.attention_bias and config.model_type in ("llama", "qwen3", "gemma3_text")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -172,7 +189,7 @@ def _assemble(
     shapes = hf_parameter_shapes(config)
 
     def take(name: str) -> torch.Tensor:  # CPU, in the target dtype
-        return source.get(name, shapes[name]).to(dtype)
+        return _take(config, source, name, shapes[name], dtype)
 
     def put(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(device).contiguous()
@@ -183,6 +200,28 @@ def _assemble(
     # Tied checkpoints normally omit lm_head; transformers ignores it even when present, and so do we.
     lm_head = embed if config.tie_word_embeddings else put(take("lm_head.weight"))
     return ModelWeights(embed=embed, layers=layers, norm=norm, lm_head=lm_head)
+
+
+def _take(config: ModelConfig, source: _TensorSource, name: str, shape: tuple[int, ...],
+          dtype: torch.dtype) -> torch.Tensor:
+    """The tensor on the CPU in `dtype`; Gemma's norm weights w stored as the (1 + w) they scale by."""
+    tensor = source.get(name, shape)
+    if config.variant is not None and config.variant.is_gemma and name.endswith("norm.weight"):
+        tensor = 1.0 + tensor.float()
+    return tensor.to(dtype)
+
+
+def _assemble_variant_layer(config: ModelConfig, i: int, source: _TensorSource, *, device: torch.device,
+                            dtype: torch.dtype) -> VariantLayerWeights:
+    shapes = _variant_shapes(config, i)
+
+    def get(name: str) -> torch.Tensor | None:
+        full = f"model.layers.{i}.{name}.weight"
+        return _take(config, source, full, shapes[full], dtype).to(device) if full in shapes else None
+
+    return VariantLayerWeights(q_norm=get("self_attn.q_norm"), k_norm=get("self_attn.k_norm"),
+                               pre_ff_norm=get("pre_feedforward_layernorm"),
+                               post_ff_norm=get("post_feedforward_layernorm"))
 
 
 def _assemble_layer(
