@@ -1,23 +1,33 @@
-"""The Triton backend: an adapter over the kernels of `batchrun.kernels`, whose `plan_prefix`/`plan_own` make
-each step's launch metadata once on the host, so the layers' launches need no device sync.
+"""The Triton backend: an adapter over `batchrun.kernels`, which plans a whole step once (`plan_step`: the own
+part and every prefix depth in one work list, copied to the device in one transfer) and runs it per layer
+(`attend`: at most two launches, the parts merged in the kernel, no device sync).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
-from batchrun.attention.base import AttentionBackend, AttentionState
+from batchrun.attention.base import AttentionBackend, AttentionState, CascadeInput
 
 if TYPE_CHECKING:
-    from batchrun.kernels import AttentionPlan  # the kernels' name for a launch's metadata
+    from batchrun.kernels import StepPlan
 
 
-class TritonBackend(AttentionBackend["AttentionPlan"]):
-    """Raises ImportError where triton does not import. The kernels read the GQA ratio from the tensors'
-    shapes, so `gqa_ratio` is not passed on."""
+@dataclass(frozen=True)
+class TritonStepLayout:
+    """A step's parts (host arrays) and their kernel plans. The step carries the GQA ratio but not the head
+    count, head size or dtype the tiles are chosen for, so the plan is made by the first layer's `attend` and
+    reused by the others (every layer of a model shares them)."""
+
+    step: CascadeInput
+    plans: dict[tuple[int, int, int, torch.dtype], StepPlan] = field(default_factory=dict)
+
+
+class TritonBackend(AttentionBackend[TritonStepLayout]):
+    """Raises ImportError where triton does not import."""
 
     name = "triton"
 
@@ -27,34 +37,26 @@ class TritonBackend(AttentionBackend["AttentionPlan"]):
 
         self.kernels = kernels
 
-    def prepare_prefix(
-        self, *, q_start: np.ndarray, q_len: np.ndarray, kv_indices: np.ndarray, kv_indptr: np.ndarray, gqa_ratio: int
-    ) -> AttentionPlan:
-        return self.kernels.plan_prefix(q_start=q_start, q_len=q_len, kv_indices=kv_indices, kv_indptr=kv_indptr,
-                                        device=self.device)
+    def prepare(self, step: CascadeInput) -> TritonStepLayout:
+        return TritonStepLayout(step)
 
-    def prepare_own(
-        self, *, q_indptr: np.ndarray, kv_indices: np.ndarray, kv_indptr: np.ndarray, gqa_ratio: int
-    ) -> AttentionPlan:
-        return self.kernels.plan_own(q_indptr=q_indptr, kv_indices=kv_indices, kv_indptr=kv_indptr,
-                                     device=self.device)
-
-    def prefix(
-        self, layout: AttentionPlan, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
+    def attend(
+        self, layout: TritonStepLayout, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
         sm_scale: float,
     ) -> AttentionState:
-        return AttentionState(*self.kernels.run_planned(layout, q, k_cache, v_cache, sm_scale=sm_scale))
+        return AttentionState(*self.kernels.attend(self._plan(layout, q, k_cache), q, k_cache, v_cache,
+                                                   sm_scale=sm_scale))
 
-    def own(
-        self, layout: AttentionPlan, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
-        sm_scale: float,
-    ) -> AttentionState:
-        return AttentionState(*self.kernels.run_planned(layout, q, k_cache, v_cache, sm_scale=sm_scale))
-
-    def merge_into(
-        self, o: torch.Tensor, lse: torch.Tensor, o_other: torch.Tensor, lse_other: torch.Tensor, *,
-        rows: torch.Tensor | slice,
-    ) -> None:
-        if isinstance(rows, slice):
-            rows = torch.arange(o.shape[0], device=o.device)[rows]
-        self.kernels.merge_state_into(o, lse, o_other, lse_other, rows=rows)
+    def _plan(self, layout: TritonStepLayout, q: torch.Tensor, k_cache: torch.Tensor) -> StepPlan:
+        num_heads, num_kv_heads, head_dim = q.shape[1], k_cache.shape[1], q.shape[2]
+        key = (num_heads, num_kv_heads, head_dim, q.dtype)
+        plan = layout.plans.get(key)
+        if plan is None:
+            step = layout.step
+            assert num_heads == num_kv_heads * step.gqa_ratio, "q and the pool do not have the step's GQA ratio"
+            plan = self.kernels.plan_step(
+                num_rows=step.num_rows, own=step.own, prefixes=step.prefixes, num_heads=num_heads,
+                num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=q.dtype, device=self.device,
+            )
+            layout.plans[key] = plan
+        return plan
