@@ -20,7 +20,7 @@ from batchrun.attention import AttentionBackend, select_backend
 from batchrun.engine.batch import BatchBuilder
 from batchrun.engine.finish import FinishRules
 from batchrun.engine.kv_cache import KVCache
-from batchrun.engine.model_runner import ModelRunner, nan_rows
+from batchrun.engine.model_runner import ModelRunner, step_results
 from batchrun.engine.request_state import RequestState
 from batchrun.engine.sampler import Sampler
 from batchrun.engine.scheduler import Scheduler, SchedulerConfig, Step
@@ -228,8 +228,8 @@ class _Run:
         requests = batch.logit_requests
         if len(requests) == 0:
             return
-        is_nan = nan_rows(logits)
-        tokens = self.sampler.sample(logits, requests, state.num_generated[requests])
+        is_nan = torch.isnan(logits).any(dim=-1)  # before sampling, which edits logits in place
+        tokens, is_nan = step_results(self.sampler.sample(logits, requests, state.num_generated[requests]), is_nan)
         state.append(requests, tokens)
         counts.output_tokens += len(requests)
         finishes = self.finish.check(

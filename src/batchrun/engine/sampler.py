@@ -40,9 +40,9 @@ class Sampler:
         """The request is finished: drops its generator."""
         self._generators.pop(request, None)
 
-    def sample(self, logits: torch.Tensor, requests: np.ndarray, num_generated: np.ndarray) -> np.ndarray:
+    def sample(self, logits: torch.Tensor, requests: np.ndarray, num_generated: np.ndarray) -> torch.Tensor:
         """logits float32 [M, V] (modified in place), requests int64 [M], num_generated (tokens already
-        generated) [M] → token ids int64 [M]."""
+        generated) [M] → token ids int64 [M] on the logits' device (the caller copies them back: no sync here)."""
         if len(self.eos) and (is_early := num_generated < self.min_tokens[requests]).any():
             # EOS is suppressed until min_tokens, as transformers' MinNewTokensLengthLogitsProcessor and vLLM.
             rows = torch.from_numpy(np.flatnonzero(is_early)).to(self.device)
@@ -50,7 +50,7 @@ class Sampler:
         tokens = torch.empty(len(requests), dtype=torch.int64, device=logits.device)
         is_greedy = self.temperature[requests] == 0.0
         if is_greedy.all():
-            return logits.argmax(dim=-1).cpu().numpy()
+            return logits.argmax(dim=-1)
         greedy_rows = np.flatnonzero(is_greedy)
         if len(greedy_rows):
             g = torch.from_numpy(greedy_rows).to(self.device)
@@ -61,7 +61,7 @@ class Sampler:
         temperature = torch.from_numpy(self.temperature[reqs]).to(self.device)
         probs = self._filtered_probs(logits[r] / temperature.unsqueeze(1), reqs)  # [S, V]
         tokens[r] = self._draw(probs, reqs)
-        return tokens.cpu().numpy()
+        return tokens
 
     def _filtered_probs(self, logits: torch.Tensor, reqs: np.ndarray) -> torch.Tensor:
         """Softmax after the top-k and top-p cuts (each row its own); rows without cuts skip the sort."""
