@@ -1,5 +1,6 @@
-"""The torch cascade path (prefix parts per depth + own part + LSE merges) against plain float64 attention over
-each row's concatenated KV, on random shapes, GQA, multi-level prefixes, chunked prefill and empty parts."""
+"""The torch cascade path (prefix parts per depth + own part + LSE merges, through the step-level interface)
+against plain float64 attention over each row's concatenated KV, on random shapes, GQA, multi-level prefixes,
+chunked prefill and empty parts."""
 
 from __future__ import annotations
 

@@ -22,8 +22,8 @@ from batchrun.attention.torch_backend import TorchBackend
 from batchrun.attention.triton_backend import TritonBackend
 
 __all__ = [
-    "AttentionBackend", "AttentionState", "CascadeInput", "OwnPart", "PrefixPart", "TorchBackend", "TritonBackend",
-    "merge_state", "merge_state_into", "select_backend",
+    "AttentionBackend", "AttentionState", "CascadeInput", "OwnPart", "PrefixPart", "TorchBackend",
+    "TritonBackend", "merge_state", "merge_state_into", "select_backend",
 ]
 
 

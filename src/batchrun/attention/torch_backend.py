@@ -87,7 +87,8 @@ class TorchBackend(AttentionBackend[TorchStepLayout]):
         q_start, q_len = np.asarray(part.q_start, np.int64), np.asarray(part.q_len, np.int64)
         if len(q_start) and np.array_equal(q_start[1:], q_start[:-1] + q_len[:-1]):
             return slice(int(q_start[0]), int(q_start[-1] + q_len[-1]))
-        rows = np.concatenate([np.zeros(0, np.int64)] + [np.arange(s, s + n) for s, n in zip(q_start, q_len)])
+        ranges = [np.arange(s, s + n) for s, n in zip(q_start.tolist(), q_len.tolist(), strict=True)]
+        rows = np.concatenate([np.zeros(0, np.int64), *ranges])
         return torch.from_numpy(rows).to(self.device)
 
 
