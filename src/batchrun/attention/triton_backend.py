@@ -1,11 +1,10 @@
-"""The Triton backend: an adapter over `batchrun.kernels`, which plans a whole step once (`plan_step`: the own
-part and every prefix depth in one work list, copied to the device in one transfer) and runs it per layer
-(`attend`: at most two launches, the parts merged in the kernel, no device sync).
+"""The Triton backend: an adapter over the kernels of `batchrun.kernels`, whose `plan_step` makes a step's launch
+metadata once on the host (on the first layer, when the head counts and dtype are known), so every layer's
+`attend` is launches only, with no device sync.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -16,14 +15,12 @@ if TYPE_CHECKING:
     from batchrun.kernels import StepPlan
 
 
-@dataclass(frozen=True)
 class TritonStepLayout:
-    """A step's parts (host arrays) and their kernel plans. The step carries the GQA ratio but not the head
-    count, head size or dtype the tiles are chosen for, so the plan is made by the first layer's `attend` and
-    reused by the others (every layer of a model shares them)."""
+    """The step's parts; the kernels' plan is made by the first layer's `attend` and reused by the others."""
 
-    step: CascadeInput
-    plans: dict[tuple[int, int, int, torch.dtype], StepPlan] = field(default_factory=dict)
+    def __init__(self, step: CascadeInput) -> None:
+        self.step = step
+        self.plan: StepPlan | None = None
 
 
 class TritonBackend(AttentionBackend[TritonStepLayout]):
@@ -44,19 +41,10 @@ class TritonBackend(AttentionBackend[TritonStepLayout]):
         self, layout: TritonStepLayout, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
         sm_scale: float,
     ) -> AttentionState:
-        return AttentionState(*self.kernels.attend(self._plan(layout, q, k_cache), q, k_cache, v_cache,
-                                                   sm_scale=sm_scale))
-
-    def _plan(self, layout: TritonStepLayout, q: torch.Tensor, k_cache: torch.Tensor) -> StepPlan:
-        num_heads, num_kv_heads, head_dim = q.shape[1], k_cache.shape[1], q.shape[2]
-        key = (num_heads, num_kv_heads, head_dim, q.dtype)
-        plan = layout.plans.get(key)
-        if plan is None:
+        if layout.plan is None:
             step = layout.step
-            assert num_heads == num_kv_heads * step.gqa_ratio, "q and the pool do not have the step's GQA ratio"
-            plan = self.kernels.plan_step(
-                num_rows=step.num_rows, own=step.own, prefixes=step.prefixes, num_heads=num_heads,
-                num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=q.dtype, device=self.device,
+            layout.plan = self.kernels.plan_step(
+                num_rows=step.num_rows, own=step.own, prefixes=step.prefixes, num_heads=q.shape[1],
+                num_kv_heads=k_cache.shape[1], head_dim=q.shape[2], dtype=q.dtype, device=self.device,
             )
-            layout.plans[key] = plan
-        return plan
+        return AttentionState(*self.kernels.attend(layout.plan, q, k_cache, v_cache, sm_scale=sm_scale))
