@@ -20,10 +20,11 @@ from batchrun.attention import AttentionBackend, select_backend
 from batchrun.engine.batch import BatchBuilder
 from batchrun.engine.finish import FinishRules
 from batchrun.engine.kv_cache import KVCache
-from batchrun.engine.model_runner import ModelRunner, step_results
+from batchrun.engine.model_runner import ModelRunner
 from batchrun.engine.request_state import RequestState
 from batchrun.engine.sampler import Sampler
 from batchrun.engine.scheduler import Scheduler, SchedulerConfig, Step
+from batchrun.engine.transfer import step_results
 from batchrun.kv_accounting import KVAccounting
 from batchrun.model.llama import LlamaModel
 from batchrun.output import Completion, FinishReason
