@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check, in one call, under 8 minutes whatever happens (each step has a time limit; typically ~6):
-#   0. setup: orjson from device-wheels/ when the Python lacks it; batchrun from this working tree (a shim on
-#      PYTHONPATH maps kernels/ to batchrun.kernels as pyproject's package-dir does: nothing is installed);
+#   0. setup: orjson from device-wheels/ (or shared/device-wheels/) when the Python lacks it; batchrun from this
+#      working tree (a shim on PYTHONPATH maps kernels/ to batchrun.kernels as pyproject's package-dir does:
+#      nothing is installed);
 #   1. the kernel tests compiled for the GPU (TRITON_INTERPRET unset);
 #   2. the kernel bench: the planned path (plan_step once, attend per layer) at prefix 1k/8k/32k x group
 #      16/64/256, own 512, against SDPA and the torch cascade; its headline point is prefix 8192, group 64;
@@ -13,7 +14,7 @@
 #
 #   bash benchmarks/gpu_check.sh                    # python3 (the device image's); PYTHON=... to choose
 #   KERNEL_BENCH_ARGS="--own 64" bash benchmarks/gpu_check.sh  # other bench options (keep prefix 8192, group 64)
-#   E2E_ARGS="--tiny" bash benchmarks/gpu_check.sh  # a quick end-to-end smoke test instead of the 1B model
+#   E2E_ARGS="--tiny" bash benchmarks/gpu_check.sh  # a quick end-to-end smoke test instead of the 0.5B model
 #   SKIP=tests,bench bash benchmarks/gpu_check.sh   # leave steps out (tests, bench, e2e)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,14 +35,16 @@ status() {  # an exit code (or "skip") as the table's status
 
 # ---- 0. setup ---------------------------------------------------------------------------------------------
 setup_notes=()
+WHEELS=$(for d in device-wheels shared/device-wheels; do compgen -G "$d/orjson-*.whl" >/dev/null && echo "$d"; done \
+    | head -n 1)  # carried beside the tree, or in the session's shared/ folder
 if ! "$PY" -c "import orjson" 2>/dev/null; then
-    if compgen -G "device-wheels/orjson-*.whl" >/dev/null; then  # pip picks the one for this Python
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --find-links device-wheels \
+    if [ -n "$WHEELS" ]; then  # pip picks the one for this Python
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --find-links "$WHEELS" \
             --target "$SCRATCH/site" orjson 2>&1 | tail -n 3 \
             && export PYTHONPATH="$SCRATCH/site${PYTHONPATH:+:$PYTHONPATH}" \
-            && setup_notes+=("orjson installed from device-wheels/")
+            && setup_notes+=("orjson installed from $WHEELS/")
     else
-        setup_notes+=("orjson missing and no device-wheels/orjson-*.whl")
+        setup_notes+=("orjson missing and no device-wheels/ or shared/device-wheels/ orjson-*.whl")
     fi
 fi
 # batchrun from this tree, never an installed copy: a package whose __path__ is src/batchrun, plus kernels/.
