@@ -71,7 +71,7 @@ tests_rc=skip; tests_line="SKIP=tests"
 if ! skipped tests; then
     XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
     # shellcheck disable=SC2086  # XDIST is a list of options
-    timeout -k 5 "${KERNEL_TESTS_TIMEOUT_S:-120}" "$PY" -m pytest tests/test_kernels.py -q -p no:cacheprovider \
+    timeout -k 5 "${KERNEL_TESTS_TIMEOUT_S:-150}" "$PY" -m pytest tests/test_kernels.py -q -p no:cacheprovider \
         $XDIST 2>&1 | tee "$LOG_DIR/kernel_tests.log"
     tests_rc=${PIPESTATUS[0]}
     tests_line=$(grep -E "[0-9]+ (passed|failed|error|skipped)" "$LOG_DIR/kernel_tests.log" | tail -n 1 | tr -d '=')
@@ -81,7 +81,7 @@ fi
 bench_rc=skip; headline_rc=skip; headline="SKIP=bench"
 if ! skipped bench; then
     # shellcheck disable=SC2086  # KERNEL_BENCH_ARGS is a list of options
-    timeout -k 5 110 "$PY" benchmarks/kernel_bench.py ${KERNEL_BENCH_ARGS:-} --json "$LOG_DIR/kernel_bench.json" \
+    timeout -k 5 100 "$PY" benchmarks/kernel_bench.py ${KERNEL_BENCH_ARGS:-} --json "$LOG_DIR/kernel_bench.json" \
         2>&1 | tee "$LOG_DIR/kernel_bench.md"
     bench_rc=${PIPESTATUS[0]}
     headline=$("$PY" - "$LOG_DIR/kernel_bench.json" <<'EOF' 2>&1
