@@ -34,7 +34,7 @@ class Row:
     own_len: int
     plan_us: float  # host: the step's work list and its one copy to the device
     cascade_us: float  # one layer: attend
-    torch_cascade_us: float | None
+    torch_cascade_us: float
     sdpa_us: float | None
     cascade_gbps: float
     max_abs_diff: float  # cascade output against the torch cascade backend and SDPA
@@ -105,25 +105,16 @@ def cascade_fn(case: Case) -> tuple[float, Callable[[], torch.Tensor]]:
     return plan_us, lambda: kernels.attend(step_plan, case.q, case.k_cache, case.v_cache, sm_scale=case.sm_scale)[0]
 
 
-def torch_cascade_fn(case: Case) -> Callable[[], torch.Tensor] | None:
-    """The torch backend, planned once outside the timing as the engine plans once per step."""
-    try:
-        from batchrun.attention import TorchBackend
-    except ImportError:
-        return None
+def torch_cascade_fn(case: Case) -> Callable[[], torch.Tensor]:
+    """The torch backend (the reference, and CUDA without Triton), prepared once outside the timing as the engine
+    prepares once per step."""
+    from batchrun.attention import CascadeInput, OwnPart, PrefixPart, TorchBackend
+
     backend = TorchBackend(case.q.device)
-    gqa_ratio = case.q.shape[1] // case.k_cache.shape[1]
-    prefix_layout = backend.prepare_prefix(**case.prefix, gqa_ratio=gqa_ratio)
-    own_layout = backend.prepare_own(**case.own, gqa_ratio=gqa_ratio)
-    rows = torch.arange(case.q.shape[0], device=case.q.device)
-
-    def run() -> torch.Tensor:
-        o_pre, lse_pre = backend.prefix(prefix_layout, case.q, case.k_cache, case.v_cache, sm_scale=case.sm_scale)
-        o, lse = backend.own(own_layout, case.q, case.k_cache, case.v_cache, sm_scale=case.sm_scale)
-        backend.merge_into(o, lse, o_pre, lse_pre, rows=rows)
-        return o
-
-    return run
+    step = CascadeInput(num_rows=case.q.shape[0], own=OwnPart(**case.own), prefixes=(PrefixPart(**case.prefix),),
+                        gqa_ratio=case.q.shape[1] // case.k_cache.shape[1])
+    layout = backend.prepare(step)
+    return lambda: backend.attend(layout, case.q, case.k_cache, case.v_cache, sm_scale=case.sm_scale).o
 
 
 def sdpa_fn(case: Case, prefix_len: int, own_len: int) -> Callable[[], torch.Tensor]:
@@ -152,10 +143,8 @@ def measure(prefix_len: int, group_size: int, own_len: int, *, heads: tuple[int,
     cascade_us = bench_us(run)
     o = run()
     torch_run = torch_cascade_fn(case)
-    torch_us, diff = None, 0.0
-    if torch_run is not None:
-        torch_us = bench_us(torch_run)
-        diff = (o - torch_run()).abs().max().item()
+    torch_us = bench_us(torch_run)
+    diff = (o - torch_run()).abs().max().item()
     elem = case.k_cache.element_size()
     num_heads, num_kv_heads, head_dim = heads
     sdpa_us = None
@@ -184,9 +173,9 @@ def print_table(rows: list[Row], copy_gbps: float) -> None:
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         vs_sdpa = None if r.sdpa_us is None else r.sdpa_us / r.cascade_us
-        vs_torch = None if r.torch_cascade_us is None else r.torch_cascade_us / r.cascade_us
+        vs_torch = r.torch_cascade_us / r.cascade_us
         print(f"| {r.prefix_len} | {r.group_size} | {r.own_len} | {r.plan_us:.0f} | {r.cascade_us:.1f}"
-              f" | {fmt(r.torch_cascade_us)} | {fmt(r.sdpa_us)} | {fmt(vs_sdpa, '.2f')} | {fmt(vs_torch, '.2f')}"
+              f" | {r.torch_cascade_us:.1f} | {fmt(r.sdpa_us)} | {fmt(vs_sdpa, '.2f')} | {fmt(vs_torch, '.2f')}"
               f" | {r.cascade_gbps:.0f} | {100 * r.cascade_gbps / copy_gbps:.0f}% | {r.max_abs_diff:.1e} |")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
@@ -16,18 +16,7 @@ DEVICE = "cpu" if INTERPRET else "cuda"
 if not INTERPRET and not torch.cuda.is_available():
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
-from batchrun.kernels import (  # noqa: E402
-    OwnPart,
-    PrefixPart,
-    attend,
-    merge_state,
-    merge_state_into,
-    own_attention,
-    plan_step,
-    prefix_attention,
-)
-from batchrun.kernels.configs import LaunchConfig  # noqa: E402
-from batchrun.kernels.parts import run_own_attention, run_prefix_attention  # noqa: E402
+from batchrun.kernels import LaunchConfig, OwnPart, PrefixPart, StepPlan, attend, plan_step  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 3e-2}
 NUM_KV_HEADS = 2
@@ -58,15 +47,14 @@ class Batch:
     k_cache: torch.Tensor  # [num_slots, Hkv, D]
     v_cache: torch.Tensor
     sm_scale: float
-    prefix: dict[str, torch.Tensor]  # prefix_attention metadata
-    own: dict[str, torch.Tensor]  # own_attention metadata (own keys only)
-    full: dict[str, torch.Tensor]  # own_attention metadata over [prefix ‖ own]
-    prefix_rows: torch.Tensor  # q row of each prefix_attention output row
+    prefix: PrefixPart  # every group's prefix (one depth)
+    own: OwnPart  # own keys only
+    full: OwnPart  # causal over [prefix ‖ own]
     seqs: list[tuple[int, int, torch.Tensor, int]]  # (q_start, q_len, [prefix ‖ own] slots, prefix_len)
 
 
-def _index(values: list[int]) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.int32, device=DEVICE)
+def _index(values: list[int]) -> np.ndarray:
+    return np.array(values, np.int32)
 
 
 def make_batch(
@@ -112,16 +100,11 @@ def make_batch(
     q_indptr = _index([0, *[sum(n for _, n, _ in seqs[: i + 1]) for i in range(len(seqs))]])
     groups = sorted(seg_rows)
     kv_indices, kv_indptr = ragged([prefix_slots[g] for g in groups])
-    prefix = dict(
-        q_start=_index([seg_rows[g][0] for g in groups]), q_len=_index([len(seg_rows[g]) for g in groups]),
-        kv_indices=kv_indices, kv_indptr=kv_indptr,
-    )
-    kv_indices, kv_indptr = ragged(own_slots)
-    own = dict(q_indptr=q_indptr, kv_indices=kv_indices, kv_indptr=kv_indptr)
-    kv_indices, kv_indptr = ragged(full_slots)
-    full = dict(q_indptr=q_indptr, kv_indices=kv_indices, kv_indptr=kv_indptr)
-    prefix_rows = _index([r for g in groups for r in seg_rows[g]])
-    return Batch(q, k_cache, v_cache, head_dim**-0.5, prefix, own, full, prefix_rows, out_seqs)
+    prefix = PrefixPart(q_start=_index([seg_rows[g][0] for g in groups]),
+                        q_len=_index([len(seg_rows[g]) for g in groups]), kv_indices=kv_indices, kv_indptr=kv_indptr)
+    own = OwnPart(q_indptr, *ragged(own_slots))
+    full = OwnPart(q_indptr, *ragged(full_slots))
+    return Batch(q, k_cache, v_cache, head_dim**-0.5, prefix, own, full, out_seqs)
 
 
 def reference(batch: Batch, part: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,18 +145,25 @@ def assert_state_close(o: torch.Tensor, lse: torch.Tensor, ref: tuple[torch.Tens
     torch.testing.assert_close(lse.cpu().double(), ref[1], atol=tol, rtol=tol)
 
 
+def plan(batch: Batch, *, own: OwnPart | None, prefixes: list[PrefixPart], config: LaunchConfig | None = None,
+         num_rows: int | None = None) -> StepPlan:
+    """The step plan of the given parts over the batch's q (all its rows unless num_rows says otherwise)."""
+    q = batch.q
+    return plan_step(num_rows=q.shape[0] if num_rows is None else num_rows, own=own, prefixes=prefixes,
+                     num_heads=q.shape[1], num_kv_heads=NUM_KV_HEADS, head_dim=q.shape[2], dtype=q.dtype,
+                     device=torch.device(DEVICE), config=config)
+
+
+def run(batch: Batch, *, own: OwnPart | None, prefixes: list[PrefixPart], config: LaunchConfig | None = None
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The parts planned and attended over the batch's q, rows in q order (a row no part reaches is empty)."""
+    step = plan(batch, own=own, prefixes=prefixes, config=config)
+    return attend(step, batch.q, batch.k_cache, batch.v_cache, sm_scale=batch.sm_scale)
+
+
 def cascade(batch: Batch, config: LaunchConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prefix part + own part + merge, as the engine composes them."""
-    common = dict(k_cache=batch.k_cache, v_cache=batch.v_cache, sm_scale=batch.sm_scale, config=config)
-    o_pre, lse_pre = run_prefix_attention(batch.q, **common, **batch.prefix)
-    o, lse = run_own_attention(batch.q, **common, **batch.own)
-    merge_state_into(o, lse, o_pre, lse_pre, rows=batch.prefix_rows)
-    return o, lse
-
-
-def in_segment_order(batch: Batch, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = batch.prefix_rows.long().cpu()
-    return state[0][rows], state[1][rows]
+    """Own part and prefix part in one plan, as the engine's steps are."""
+    return run(batch, own=batch.own, prefixes=[batch.prefix], config=config)
 
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -186,17 +176,16 @@ SHAPES = [(1, 64), (4, 80), (8, 96), (2, 128)]
 def test_cascade_matches_reference(dtype: torch.dtype, group: int, head_dim: int) -> None:
     batch = make_batch(PREFIX_LENS, SEQS, group=group, head_dim=head_dim, dtype=dtype, seed=group)
     tol = TOL[dtype]
-    common = dict(k_cache=batch.k_cache, v_cache=batch.v_cache, sm_scale=batch.sm_scale, config=SMALL)
 
-    o_pre, lse_pre = run_prefix_attention(batch.q, **common, **batch.prefix)
-    assert_state_close(o_pre, lse_pre, in_segment_order(batch, reference(batch, "prefix")), tol)
-    o_own, lse_own = run_own_attention(batch.q, **common, **batch.own)
+    o_pre, lse_pre = run(batch, own=None, prefixes=[batch.prefix], config=SMALL)
+    assert_state_close(o_pre, lse_pre, reference(batch, "prefix"), tol)
+    o_own, lse_own = run(batch, own=batch.own, prefixes=[], config=SMALL)
     assert_state_close(o_own, lse_own, reference(batch, "own"), tol)
 
-    merge_state_into(o_own, lse_own, o_pre, lse_pre, rows=batch.prefix_rows)
+    o_own, lse_own = cascade(batch, SMALL)
     assert_state_close(o_own, lse_own, reference(batch, "full"), tol)
     # The cascade equals one causal pass over the concatenated KV (prefix prefill works this way).
-    o_full, lse_full = run_own_attention(batch.q, **common, **batch.full)
+    o_full, lse_full = run(batch, own=batch.full, prefixes=[], config=SMALL)
     assert_state_close(o_own, lse_own, (o_full.cpu().double(), lse_full.cpu().double()), tol)
 
 
@@ -212,17 +201,13 @@ def test_split_count_does_not_change_result(dtype: torch.dtype, num_splits: int)
     assert_state_close(o, lse, reference(batch, "full"), TOL[dtype])
     o_one, lse_one = cascade(batch, SMALL)
     assert_state_close(o, lse, (o_one.cpu().double(), lse_one.cpu().double()), TOL[dtype])
-    common = dict(k_cache=batch.k_cache, v_cache=batch.v_cache, sm_scale=batch.sm_scale, config=split)
-    o_full, lse_full = run_own_attention(batch.q, **common, **batch.full)
+    o_full, lse_full = run(batch, own=batch.full, prefixes=[], config=split)
     assert_state_close(o_full, lse_full, reference(batch, "full"), TOL[dtype])
 
 
 def test_public_functions_with_default_tiles() -> None:
     batch = make_batch(PREFIX_LENS, SEQS, group=4, head_dim=128, dtype=torch.float16, seed=3)
-    common = dict(k_cache=batch.k_cache, v_cache=batch.v_cache, sm_scale=batch.sm_scale)
-    o_pre, lse_pre = prefix_attention(batch.q, **common, **batch.prefix)
-    o, lse = own_attention(batch.q, **common, **batch.own)
-    merge_state_into(o, lse, o_pre, lse_pre, rows=batch.prefix_rows)
+    o, lse = run(batch, own=batch.own, prefixes=[batch.prefix])
     assert_state_close(o, lse, reference(batch, "full"), TOL[torch.float16])
 
 
@@ -230,78 +215,40 @@ def test_int64_metadata_and_rows_outside_every_sequence() -> None:
     # Row 0 and the last row belong to no sequence: they must come out empty, with or without splits.
     batch = make_batch([], [(None, 1, 0), (None, 2, 40), (None, 1, 5), (None, 1, 0)], group=2, head_dim=64,
                        dtype=torch.float32)
-    own = {name: t.long() for name, t in batch.own.items()}
-    own["q_indptr"] = own["q_indptr"][1:-1]
-    own["kv_indptr"] = own["kv_indptr"][1:-1]
+    q_indptr, kv_indices, kv_indptr = (a.astype(np.int64) for a in batch.own)
+    own = OwnPart(q_indptr[1:-1], kv_indices, kv_indptr[1:-1])
     ref_o, ref_lse = reference(batch, "own")
     for num_splits in (1, 3):
         config = LaunchConfig(block_m=16, block_n=16, num_splits=num_splits)
-        o, lse = run_own_attention(batch.q, batch.k_cache, batch.v_cache, sm_scale=batch.sm_scale,
-                                   config=config, **own)
+        o, lse = run(batch, own=own, prefixes=[], config=config)
         assert_state_close(o, lse, (ref_o, ref_lse), TOL[torch.float32])
         assert (o[[0, -1]] == 0).all() and (lse[[0, -1]] == -math.inf).all()
-
-
-def _random_state(num_rows: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    v = torch.randn((num_rows, 3, 80), generator=gen)
-    s = torch.randn((num_rows, 3), generator=gen) * 20
-    return v, s
-
-
-def _merge_reference(v_a, s_a, v_b, s_b):
-    v_a, s_a, v_b, s_b = (t.double() for t in (v_a, s_a, v_b, s_b))
-    s = torch.logaddexp(s_a, s_b)
-    w_a = torch.where(s.isfinite(), torch.exp(s_a - s), 0.0)
-    w_b = torch.where(s.isfinite(), torch.exp(s_b - s), 0.0)
-    return v_a * w_a[..., None] + v_b * w_b[..., None], s
-
-
-def test_merge_state_with_empty_parts() -> None:
-    gen = torch.Generator().manual_seed(1)
-    (v_a, s_a), (v_b, s_b) = _random_state(6, gen), _random_state(6, gen)
-    # Row 0: both empty; row 1: a empty; row 2: b empty; row 3: far apart LSEs.
-    for v, s, rows in ((v_a, s_a, [0, 1]), (v_b, s_b, [0, 2])):
-        v[rows], s[rows] = 0.0, -math.inf
-    s_a[3], s_b[3] = 80.0, -80.0
-    v, s = merge_state(*(t.to(DEVICE) for t in (v_a, s_a, v_b, s_b)))
-    assert_state_close(v, s, _merge_reference(v_a, s_a, v_b, s_b), 1e-5)
-    assert (v[0] == 0).all() and (s[0] == -math.inf).all()
-
-
-def test_merge_state_into_touches_only_given_rows() -> None:
-    gen = torch.Generator().manual_seed(2)
-    v, s = _random_state(7, gen)
-    v_other, s_other = _random_state(3, gen)
-    s_other[1] = -math.inf
-    rows = torch.tensor([5, 0, 3])
-    expected_v, expected_s = v.double(), s.double()
-    expected_v[rows], expected_s[rows] = _merge_reference(v[rows], s[rows], v_other, s_other)
-    v_dev, s_dev = v.to(DEVICE), s.to(DEVICE)
-    merge_state_into(v_dev, s_dev, v_other.to(DEVICE), s_other.to(DEVICE), rows=rows.to(DEVICE, torch.int32))
-    assert_state_close(v_dev, s_dev, (expected_v, expected_s), 1e-5)
 
 
 def test_launcher_rejects_bad_inputs() -> None:
     batch = make_batch([16], [(0, 1, 1)], group=1, head_dim=64, dtype=torch.float16)
     common = dict(k_cache=batch.k_cache, v_cache=batch.v_cache, sm_scale=batch.sm_scale)
     with pytest.raises(AssertionError, match=">= 16"):
-        run_prefix_attention(batch.q, **common, **batch.prefix, config=LaunchConfig(block_m=16, block_n=8))
+        run(batch, own=None, prefixes=[batch.prefix], config=LaunchConfig(block_m=16, block_n=8))
+    step = plan(batch, own=None, prefixes=[batch.prefix])
     with pytest.raises(AssertionError, match="one dtype"):
-        prefix_attention(batch.q.float(), **common, **batch.prefix)
+        attend(step, batch.q.float(), **common)
     with pytest.raises(AssertionError, match="D must be contiguous"):
-        prefix_attention(batch.q.transpose(1, 2).contiguous().transpose(1, 2), **common, **batch.prefix)
+        attend(step, batch.q.transpose(1, 2).contiguous().transpose(1, 2), **common)
     with pytest.raises(AssertionError, match="head size"):
-        sliced = {**common, "k_cache": batch.k_cache[..., :48], "v_cache": batch.v_cache[..., :48]}
-        own_attention(batch.q[..., :48], **sliced, **batch.own)
+        sliced = replace(batch, q=batch.q[..., :48], k_cache=batch.k_cache[..., :48], v_cache=batch.v_cache[..., :48])
+        run(sliced, own=batch.own, prefixes=[])
 
 
 def test_empty_batches() -> None:
     batch = make_batch([4], [(0, 1, 1)], group=4, head_dim=64, dtype=torch.float32)
     common = dict(k_cache=batch.k_cache, v_cache=batch.v_cache, sm_scale=batch.sm_scale)
     none = _index([])
-    o, lse = prefix_attention(batch.q, **common, q_start=none, q_len=none, kv_indices=none, kv_indptr=_index([0]))
+    no_segment = PrefixPart(q_start=none, q_len=none, kv_indices=none, kv_indptr=_index([0]))
+    o, lse = attend(plan(batch, own=None, prefixes=[no_segment], num_rows=0), batch.q[:0], **common)
     assert o.shape == (0, 8, 64) and lse.shape == (0, 8)
-    o, lse = own_attention(batch.q[:0], **common, q_indptr=_index([0]), kv_indices=none, kv_indptr=_index([0]))
+    no_row = OwnPart(q_indptr=_index([0]), kv_indices=none, kv_indptr=_index([0]))
+    o, lse = attend(plan(batch, own=no_row, prefixes=[], num_rows=0), batch.q[:0], **common)
     assert o.shape == (0, 8, 64) and lse.shape == (0, 8)
 
 
@@ -322,7 +269,7 @@ STEP_SEQS = [*SEQS[:5], (1, 5, 3), *SEQS[5:7], *[(3, 1, n) for n in range(1, 9)]
 
 def prefix_depths(batch: Batch) -> list[PrefixPart]:
     """The prefix part as two depths: every segment's first keys, then the rest."""
-    meta = {k: t.cpu().numpy() for k, t in batch.prefix.items()}
+    meta = batch.prefix._asdict()
     kv_len = np.diff(meta["kv_indptr"])
     cut = kv_len // 3
     depths = []
@@ -338,13 +285,11 @@ def prefix_depths(batch: Batch) -> list[PrefixPart]:
 @pytest.mark.parametrize("num_splits", [None, 4])
 def test_plan_step_runs_every_part_in_one_work_list(dtype: torch.dtype, group: int, num_splits: int | None) -> None:
     batch = make_batch(STEP_PREFIX_LENS, STEP_SEQS, group=group, head_dim=128, dtype=dtype, seed=11)
-    own = OwnPart(*(batch.own[k].cpu().numpy() for k in ("q_indptr", "kv_indices", "kv_indptr")))
-    plan = plan_step(num_rows=batch.q.shape[0], own=own, prefixes=prefix_depths(batch),
-                     num_heads=batch.q.shape[1], num_kv_heads=NUM_KV_HEADS, head_dim=128, dtype=dtype,
-                     device=torch.device(DEVICE), config=LaunchConfig(block_n=16, num_splits=num_splits))
-    assert len(plan.items) == 2, "the decodes and the prefill take different tiles"
-    assert all(i.dtype == torch.int32 for i in (*plan.items, plan.segments, plan.kv_indices, plan.part_rows))
+    step = plan(batch, own=batch.own, prefixes=prefix_depths(batch),
+                config=LaunchConfig(block_n=16, num_splits=num_splits))
+    assert len(step.items) == 2, "the decodes and the prefill take different tiles"
+    assert all(i.dtype == torch.int32 for i in (*step.items, step.segments, step.kv_indices, step.part_rows))
     for _ in range(2):  # the second layer finds the merge counters re-armed
-        o, lse = attend(plan, batch.q, batch.k_cache, batch.v_cache, sm_scale=batch.sm_scale)
+        o, lse = attend(step, batch.q, batch.k_cache, batch.v_cache, sm_scale=batch.sm_scale)
         assert_state_close(o, lse, reference(batch, "full"), TOL[dtype])
-    assert (plan.counters == 0).all()
+    assert (step.counters == 0).all()

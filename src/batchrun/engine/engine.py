@@ -20,10 +20,11 @@ from batchrun.attention import AttentionBackend, select_backend
 from batchrun.engine.batch import BatchBuilder
 from batchrun.engine.finish import FinishRules
 from batchrun.engine.kv_cache import KVCache
-from batchrun.engine.model_runner import ModelRunner, nan_rows
+from batchrun.engine.model_runner import ModelRunner
 from batchrun.engine.request_state import RequestState
 from batchrun.engine.sampler import Sampler
 from batchrun.engine.scheduler import Scheduler, SchedulerConfig, Step
+from batchrun.engine.transfer import step_results
 from batchrun.kv_accounting import KVAccounting
 from batchrun.model.llama import LlamaModel
 from batchrun.output import Completion, FinishReason
@@ -100,7 +101,8 @@ class Engine:
         layout = plan.layout
         self.prompt_len = plan.tokens.lengths.astype(np.int64)
         self.max_tokens = np.array([r.sampling.max_tokens for r in plan.requests], np.int64)
-        self.builder = BatchBuilder(tokens=plan.tokens, forest=layout.forest, node_request=layout.node_request)
+        self.builder = BatchBuilder(tokens=plan.tokens, forest=layout.forest, node_request=layout.node_request,
+                                    gqa_ratio=model.config.num_heads // model.config.num_kv_heads)
 
     def run(self, writer: Writer, metrics: Metrics | None = None, skip_ids: set[str] | frozenset[str] = frozenset()
             ) -> RunSummary:
@@ -227,8 +229,8 @@ class _Run:
         requests = batch.logit_requests
         if len(requests) == 0:
             return
-        is_nan = nan_rows(logits)
-        tokens = self.sampler.sample(logits, requests, state.num_generated[requests])
+        is_nan = torch.isnan(logits).any(dim=-1)  # before sampling, which edits logits in place
+        tokens, is_nan = step_results(self.sampler.sample(logits, requests, state.num_generated[requests]), is_nan)
         state.append(requests, tokens)
         counts.output_tokens += len(requests)
         finishes = self.finish.check(

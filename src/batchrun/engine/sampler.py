@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from batchrun.engine.transfer import upload
 from batchrun.requests import SamplingParams
 
 
@@ -41,28 +42,28 @@ class Sampler:
         """The request is finished: drops its generator."""
         self._generators.pop(request, None)
 
-    def sample(self, logits: torch.Tensor, requests: np.ndarray, num_generated: np.ndarray) -> np.ndarray:
+    def sample(self, logits: torch.Tensor, requests: np.ndarray, num_generated: np.ndarray) -> torch.Tensor:
         """logits float32 [M, V] (modified in place), requests int64 [M], num_generated (tokens already
-        generated) [M] → token ids int64 [M]."""
+        generated) [M] → token ids int64 [M] on the logits' device (the caller copies them back: no sync here)."""
         if len(self.eos) and (is_early := num_generated < self.min_tokens[requests]).any():
             # EOS is suppressed until min_tokens, as transformers' MinNewTokensLengthLogitsProcessor and vLLM.
-            rows = torch.from_numpy(np.flatnonzero(is_early)).to(self.device)
+            rows = upload([np.flatnonzero(is_early)], self.device)[0]
             logits[rows.unsqueeze(1), self.eos.unsqueeze(0)] = -torch.inf
         tokens = torch.empty(len(requests), dtype=torch.int64, device=logits.device)
         is_greedy = self.temperature[requests] == 0.0
         if is_greedy.all():
-            return logits.argmax(dim=-1).cpu().numpy()
+            return logits.argmax(dim=-1)
         greedy_rows = np.flatnonzero(is_greedy)
         if len(greedy_rows):
-            g = torch.from_numpy(greedy_rows).to(self.device)
+            g = upload([greedy_rows], self.device)[0]
             tokens[g] = logits[g].argmax(dim=-1)
         rows = np.flatnonzero(~is_greedy)
         reqs = requests[rows]
-        r = torch.from_numpy(rows).to(self.device)
-        temperature = torch.from_numpy(self.temperature[reqs]).to(self.device)
+        r = upload([rows], self.device)[0]
+        temperature = upload([self.temperature[reqs]], self.device)[0]
         probs = self._filtered_probs(logits[r] / temperature.unsqueeze(1), reqs)  # [S, V]
         tokens[r] = self._draw(probs, reqs)
-        return tokens.cpu().numpy()
+        return tokens
 
     def _filtered_probs(self, logits: torch.Tensor, reqs: np.ndarray) -> torch.Tensor:
         """Softmax after the top-k and top-p cuts (each row its own); rows without cuts skip the sort."""
@@ -71,16 +72,16 @@ class Sampler:
         is_cut = ((top_k > 0) & (top_k < num_vocab)) | (top_p < 1.0)
         if not is_cut.any():
             return torch.softmax(logits, dim=-1)
-        cut = torch.from_numpy(np.flatnonzero(is_cut)).to(self.device)
+        cut = upload([np.flatnonzero(is_cut)], self.device)[0]
         sorted_logits, sorted_idx = logits[cut].sort(dim=-1, descending=True)  # [C, V]
-        k = torch.from_numpy(np.where(top_k[is_cut] > 0, top_k[is_cut], num_vocab)).to(self.device)
+        k = upload([np.where(top_k[is_cut] > 0, top_k[is_cut], num_vocab)], self.device)[0]
         rank = torch.arange(num_vocab, device=self.device)
         sorted_logits.masked_fill_(rank.unsqueeze(0) >= k.unsqueeze(1), -torch.inf)
         # Keep the smallest head whose probability reaches top_p: drop a token when the ones before it
         # already reach it (the first token always stays).
         sorted_probs = torch.softmax(sorted_logits, dim=-1)
         before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        p = torch.from_numpy(top_p[is_cut]).to(self.device)
+        p = upload([top_p[is_cut]], self.device)[0]
         sorted_logits.masked_fill_(before >= p.unsqueeze(1), -torch.inf)
         logits[cut] = torch.full_like(sorted_logits, -torch.inf).scatter_(1, sorted_idx, sorted_logits)
         return torch.softmax(logits, dim=-1)
@@ -94,7 +95,7 @@ class Sampler:
         if len(unseeded) == len(reqs):
             noise.exponential_(generator=self.generator)
         elif len(unseeded):
-            u = torch.from_numpy(unseeded).to(self.device)
+            u = upload([unseeded], self.device)[0]
             noise[u] = torch.empty_like(noise[u]).exponential_(generator=self.generator)
         for i in np.flatnonzero(is_seeded).tolist():
             noise[i].exponential_(generator=self._generator(int(reqs[i])))
