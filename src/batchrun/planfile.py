@@ -47,7 +47,7 @@ def check_plan_target(path: Path, *, input_path: Path) -> None:
         raise UserError(f"{path} is a folder: give the plan file's path (e.g. {path / 'job.plan'})", exit_code=2)
     if not path.exists():
         return
-    if os.path.samefile(path, input_path):
+    if input_path.exists() and os.path.samefile(path, input_path):
         raise UserError(f"{path} is the input file: give the plan another name (-o JOB.plan)", exit_code=2)
     if not path.is_file() or not _starts_with_magic(path):
         raise UserError(f"{path} exists and is not a batchrun plan: batchrun writes only over an old plan; "
@@ -56,7 +56,7 @@ def check_plan_target(path: Path, *, input_path: Path) -> None:
 
 def save_plan(plan: Plan, path: Path) -> None:
     """Writes the plan atomically (see write_container), where check_plan_target allows."""
-    check_plan_target(path, input_path=Path(plan.header.input_path))
+    check_plan_target(path, input_path=plan.header.input_file(path))
     records = {
         "requests": [_request_record(r) for r in plan.requests],
         "invalid": [list(dataclasses.astuple(r)) for r in plan.invalid],
