@@ -87,6 +87,8 @@ def plan(
                                         "request alone: to measure what sharing gains).")] = True,
     dtype: Annotated[str | None, typer.Option(help="Weights and KV dtype: float32, bfloat16 or float16 "
                                               "[default: the model's own].")] = None,
+    chat_template: Annotated[Path | None, typer.Option("--chat-template", help="A Jinja chat template file "
+                                                       "to use instead of the model's.", show_default=False)] = None,
     show: Annotated[Path | None, typer.Option("--show", help="Print an existing plan's summary and groups "
                                               "instead of planning.", show_default=False)] = None,
     groups: Annotated[int, typer.Option(help="With --show: how many groups to list.")] = 20,
@@ -97,7 +99,7 @@ def plan(
     from batchrun.plan_view import plan_summary_json, render_plan_groups, render_plan_summary
     from batchrun.planfile import load_plan, save_plan
     from batchrun.planner import PlannerConfig
-    from batchrun.planning import build_plan
+    from batchrun.planning import build_plan, read_chat_template
     from batchrun.sizes import parse_size
     from batchrun.tokenizer import load_tokenizer
 
@@ -114,7 +116,7 @@ def plan(
     spec = resolve_model(model, dtype=dtype)
     config = PlannerConfig(kv_budget_bytes=parse_size(kv_budget), min_prefix_len=min_prefix_len,
                            max_levels=max_levels, share=share)
-    made = build_plan(input, spec, load_tokenizer(spec), config)
+    made = build_plan(input, spec, load_tokenizer(spec), config, chat_template=read_chat_template(chat_template))
     target = output or input.with_suffix(".plan")
     save_plan(made, target)
     if json:
@@ -134,8 +136,12 @@ def run(
                                             show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output JSONL: one line per request, appended "
                                          "as each finishes; run again to resume.", show_default=False)],
-    errors: Annotated[Path | None, typer.Option("--errors", help="Write error lines here instead of into the "
-                                                "output (as the OpenAI Batch API does).", show_default=False)] = None,
+    errors: Annotated[Path | None, typer.Option("--errors", help="Write error lines here [default: OpenAI-format "
+                                                "input: OUT.errors.jsonl beside the output, as the OpenAI Batch "
+                                                "API keeps an error file; plain input: into the output].",
+                                                show_default=False)] = None,
+    ordered: Annotated[bool, typer.Option("--ordered", help="Write lines in input order (lines that finish "
+                                          "early are held until the earlier ones are written).")] = False,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Another copy of the plan's model "
                                               "[default: the model the plan names].", show_default=False)] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = defaults.DEVICE,
@@ -155,22 +161,24 @@ def run(
         from batchrun.distributed.driver import run_distributed
 
         outcome = run_distributed(plan_path, output, errors_path=errors, model=model, device=device,
-                                  workers=workers, ray_address=ray_address, console=err)
+                                  workers=workers, ray_address=ray_address, console=err, is_ordered=ordered)
     else:
         from batchrun.runner import run_plan_file
 
         outcome = run_plan_file(plan_path, output, errors_path=errors, model=model, device=device, threads=threads,
-                                console=err)
+                                console=err, is_ordered=ordered)
     summary = {"requests": outcome.num_requests, "resumed": outcome.num_resumed,
                "completed": outcome.num_completed, "failed": outcome.num_failed,
                "output_tokens": outcome.output_tokens, "wall_seconds": round(outcome.wall_seconds, 3),
-               "output": str(output)}
+               "output": str(output), "errors": None if outcome.errors_path is None else str(outcome.errors_path)}
     if json:
         _print_json(summary)
     else:
         out.print(f"{outcome.num_completed} completed, {outcome.num_failed} failed, {outcome.num_resumed} "
                   f"already done; {outcome.output_tokens} output tokens in {outcome.wall_seconds:.1f}s → "
                   f"{output}", highlight=False)
+        if outcome.errors_path is not None:
+            out.print(f"error lines → {outcome.errors_path}", highlight=False)
     if not outcome.is_clean:
         raise typer.Exit(EXIT_FAILED)
 

@@ -67,12 +67,16 @@ class PlanHeader:
     summary: PlanSummary
     created: str
     batchrun_version: str
+    chat_template_fingerprint: str | None = None  # sha256 of `plan --chat-template FILE`; None: the model's own
 
     @property
     def fingerprint(self) -> str:
-        """Identifies what the plan computes: its input, its model and its planning parameters."""
-        key = orjson.dumps([self.input_fingerprint, self.model_fingerprint, dataclasses.asdict(self.params)],
-                           option=orjson.OPT_SORT_KEYS)
+        """Identifies what the plan computes: its input, its model, its planning parameters and its chat
+        template (per-request chat_template_kwargs are in the input)."""
+        parts = [self.input_fingerprint, self.model_fingerprint, dataclasses.asdict(self.params)]
+        if self.chat_template_fingerprint is not None:  # plans without one keep their fingerprint
+            parts.append(self.chat_template_fingerprint)
+        key = orjson.dumps(parts, option=orjson.OPT_SORT_KEYS)
         return hashlib.sha256(key).hexdigest()[:16]
 
     def to_json(self) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from batchrun import defaults
 from batchrun.errors import UserError
 from batchrun.metrics import MetricsRecorder, metrics_path_for
 from batchrun.model.spec import ModelSpec, resolve_model
-from batchrun.output import OutputWriter
+from batchrun.output import OutputWriter, default_errors_path
 from batchrun.plan import Plan
 from batchrun.plan_checks import check_plan, check_same_plan
 from batchrun.planfile import load_plan
@@ -36,6 +36,7 @@ class RunOutcome:
     num_failed: int  # error lines written by this run (invalid lines and run-time failures)
     output_tokens: int
     wall_seconds: float  # generation only: model loading excluded
+    errors_path: Path | None  # where error lines went (None: into the output)
 
     @property
     def is_clean(self) -> bool:
@@ -70,25 +71,39 @@ class RunSession:
     progress: ProgressWriter
     metrics: MetricsRecorder
     num_resumed: int
-    total: int  # valid requests plus invalid lines: one output line each
+    total: int  # requests plus invalid lines: one output line each
 
     def skip_ids(self, plan: Plan) -> set[str]:
         return {r.id for r in plan.requests if self.writer.is_done(r)}
 
 
+def errors_path_for(plan: Plan, output: Path, errors_path: Path | None) -> Path | None:
+    """Where error lines go: `errors_path`; else, for OpenAI-format input, a separate error file beside the
+    output as the OpenAI Batch API keeps one; else (plain input) into the output."""
+    if errors_path is not None:
+        return errors_path
+    records = [*plan.requests[:1], *plan.invalid[:1]]
+    return default_errors_path(output) if any(r.format == "openai" for r in records) else None
+
+
 @contextmanager
 def open_run(plan: Plan, plan_path: Path, output: Path, *, errors_path: Path | None, spec: ModelSpec,
-             device: str, console: Console, **run_info: object) -> Iterator[RunSession]:
+             device: str, console: Console, is_ordered: bool = False, **run_info: object) -> Iterator[RunSession]:
     """Opens the output for appending (resuming what is there), the progress display and the metrics file,
     and writes an error line for each of the plan's invalid records not yet in the output. The caller has
-    checked (check_same_plan) that the output was not written from another plan, before loading a model."""
+    checked (check_same_plan) that the output was not written from another plan, before loading a model.
+    `errors_path` is the resolved one (errors_path_for); `is_ordered` writes lines in input order."""
     info = {"plan_fingerprint": plan.header.fingerprint, "plan": str(plan_path.resolve()),
             "kv_budget_bytes": plan.header.params.kv_budget_bytes, "device": device, "model": spec.name,
             "dtype": spec.config.dtype, "errors_path": str(errors_path.resolve()) if errors_path else None,
             **run_info}
-    with OutputWriter(output, errors_path=errors_path, model_name=spec.name) as writer:
-        num_resumed = sum(map(writer.is_done, plan.requests)) + sum(map(writer.is_done, plan.invalid))
-        total = len(plan.requests) + len(plan.invalid)
+    with OutputWriter(output, errors_path=errors_path, model_name=spec.name,
+                      system_fingerprint=f"fp_{spec.fingerprint[:12]}") as writer:
+        records = [*(r for r in plan.requests if r.sample_index == 0), *plan.invalid]  # one line each
+        if is_ordered:
+            writer.set_order(records)
+        num_resumed = sum(map(writer.is_done, records))
+        total = len(records)
         with ProgressWriter(writer, total=total, num_done=num_resumed, console=console,
                             interval_s=defaults.PROGRESS_INTERVAL_S) as progress, \
                 MetricsRecorder(metrics_path_for(output), run_info=info) as metrics:
@@ -99,7 +114,7 @@ def open_run(plan: Plan, plan_path: Path, output: Path, *, errors_path: Path | N
 
 
 def run_plan_file(plan_path: Path, output: Path, *, errors_path: Path | None, model: str | None, device: str,
-                  console: Console, threads: int | None = None) -> RunOutcome:
+                  console: Console, threads: int | None = None, is_ordered: bool = False) -> RunOutcome:
     import torch
 
     from batchrun.attention import select_backend
@@ -117,12 +132,14 @@ def run_plan_file(plan_path: Path, output: Path, *, errors_path: Path | None, mo
         torch.set_num_threads(threads)
     loaded = load_model(spec, device=torch_device)
     tokenizer = load_tokenizer(spec)
+    errors_path = errors_path_for(plan, output, errors_path)
     with open_run(plan, plan_path, output, errors_path=errors_path, spec=spec, device=str(torch_device),
-                  console=console) as run:
+                  console=console, is_ordered=is_ordered) as run:
         engine = Engine(loaded, tokenizer, plan, kv_budget_bytes=plan.header.params.kv_budget_bytes,
                         backend=select_backend(torch_device))
         start = time.perf_counter()
         summary = engine.run(run.progress, run.metrics, skip_ids=run.skip_ids(plan))
         wall = time.perf_counter() - start
     return RunOutcome(num_requests=run.total, num_resumed=run.num_resumed, num_completed=summary.num_completed,
-                      num_failed=run.progress.num_failed, output_tokens=summary.output_tokens, wall_seconds=wall)
+                      num_failed=run.progress.num_failed, output_tokens=summary.output_tokens, wall_seconds=wall,
+                      errors_path=run.writer.errors_path)

@@ -32,11 +32,13 @@ class EncodeError(Exception):
     """A prompt that cannot be encoded (for instance, its messages break the chat template)."""
 
 
-def encode_lines(tokenizer: Any, lines: Sequence[ParsedLine]) -> list[list[int] | EncodeError]:
+def encode_lines(tokenizer: Any, lines: Sequence[ParsedLine], *, chat_template: str | None = None
+                 ) -> list[list[int] | EncodeError]:
     """Token ids for each line, in order; a line whose prompt cannot be encoded gets an EncodeError instead.
 
-    Plain prompts get the tokenizer's special tokens (BOS); chat prompts are rendered by the chat template,
-    which writes its own, then tokenized without adding more. Encoding is batched (the Rust tokenizer).
+    Plain prompts get the tokenizer's special tokens (BOS); chat prompts are rendered by the chat template
+    (`chat_template`, else the model's, with the line's chat_template_kwargs), which writes its own, then
+    tokenized without adding more. Encoding is batched (the Rust tokenizer).
     """
     results: list[list[int] | EncodeError] = [EncodeError("not encoded")] * len(lines)
     plain: list[tuple[int, str]] = []
@@ -45,7 +47,8 @@ def encode_lines(tokenizer: Any, lines: Sequence[ParsedLine]) -> list[list[int] 
         if isinstance(parsed.prompt, str):
             plain.append((i, parsed.prompt))
         else:
-            rendered = _render_chat(tokenizer, parsed.prompt)
+            rendered = _render_chat(tokenizer, parsed.prompt, chat_template=chat_template,
+                                    kwargs=parsed.chat_template_kwargs or {})
             if isinstance(rendered, EncodeError):
                 results[i] = rendered
             else:
@@ -58,12 +61,23 @@ def encode_lines(tokenizer: Any, lines: Sequence[ParsedLine]) -> list[list[int] 
     return results
 
 
-def _render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str | EncodeError:
-    if not getattr(tokenizer, "chat_template", None):
-        return EncodeError("the model's tokenizer has no chat template: use 'prompt' instead of 'messages'")
+def _render_chat(tokenizer: Any, messages: list[dict[str, str]], *, chat_template: str | None,
+                 kwargs: dict[str, Any]) -> str | EncodeError:
+    if not (chat_template or getattr(tokenizer, "chat_template", None)):
+        return EncodeError("the model's tokenizer has no chat template: use 'prompt' instead of 'messages', "
+                           "or give one with `plan --chat-template FILE`")
+    # The line's kwargs are template variables (e.g. enable_thinking); they cannot replace these arguments.
+    if reserved := sorted(_TEMPLATE_ARGUMENTS & kwargs.keys()):
+        return EncodeError(f"chat_template_kwargs cannot set {', '.join(reserved)}")
     from jinja2 import TemplateError
 
     try:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(messages, chat_template=chat_template, add_generation_prompt=True,
+                                             tokenize=False, **kwargs)
     except TemplateError as e:  # templates reject messages with raise_exception(...)
         return EncodeError(f"the chat template refused these messages: {e}")
+
+
+_TEMPLATE_ARGUMENTS = frozenset({"conversation", "chat_template", "add_generation_prompt", "tokenize", "tools",
+                                 "documents", "return_dict", "return_tensors", "padding", "truncation",
+                                 "max_length", "tokenizer_kwargs", "continue_final_message"})

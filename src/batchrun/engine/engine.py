@@ -20,6 +20,8 @@ from batchrun.attention import AttentionBackend, select_backend
 from batchrun.engine.batch import BatchBuilder
 from batchrun.engine.finish import FinishRules
 from batchrun.engine.kv_cache import KVCache
+from batchrun.engine.logits_processors import LogitsProcessors
+from batchrun.engine.logprobs import LogprobsRecorder
 from batchrun.engine.model_runner import ModelRunner, nan_rows
 from batchrun.engine.request_state import RequestState
 from batchrun.engine.sampler import Sampler
@@ -169,6 +171,9 @@ class _Run:
             eos_token_ids=engine.eos_token_ids,
             decode=functools.partial(engine.tokenizer.decode, skip_special_tokens=True),
         )
+        params = [r.sampling for r in self.requests]
+        self.processors = LogitsProcessors(params, prompts=plan.tokens, device=engine.model.device)
+        self.logprobs = LogprobsRecorder(params, decode=engine.tokenizer.decode)
 
     def _num_slots(self, kv: KVAccounting, is_skipped: np.ndarray) -> int:
         """The budget in tokens, capped at what the plan could ever hold at once (a small job on a large
@@ -228,7 +233,10 @@ class _Run:
         if len(requests) == 0:
             return
         is_nan = nan_rows(logits)
+        captured = self.logprobs.capture(logits, requests)  # the raw distribution, before any processor
+        self.processors.apply(logits, requests, output_ids=state.output_ids)
         tokens = self.sampler.sample(logits, requests, state.num_generated[requests])
+        self.logprobs.record(captured, requests, tokens)
         state.append(requests, tokens)
         counts.output_tokens += len(requests)
         finishes = self.finish.check(
@@ -258,7 +266,7 @@ class _Run:
     def _complete(self, r: int, reason: FinishReason) -> None:
         ids = self.state.output_ids[r]
         completion = Completion(token_ids=list(ids), text=self.finish.text(r, ids), finish_reason=reason,
-                                prompt_tokens=int(self.engine.prompt_len[r]))
+                                prompt_tokens=int(self.engine.prompt_len[r]), logprobs=self.logprobs.take(r))
         self.writer.write_completion(self.requests[r], completion)
         self.counts.num_completed += 1
         self._release(r)
@@ -275,6 +283,7 @@ class _Run:
         for n in self.scheduler.finish(r):
             alloc.free(self.state.release_node(n))
         self.sampler.release(r)
+        self.logprobs.release(r)
 
 
 def _context_errors(engine: Engine, is_skipped: np.ndarray) -> dict[int, str]:
