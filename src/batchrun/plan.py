@@ -80,8 +80,12 @@ class PlanHeader:
         return hashlib.sha256(key).hexdigest()[:16]
 
     def to_json(self) -> dict[str, Any]:
-        """The header as the plan file stores it (keys in field order)."""
-        return {**dataclasses.asdict(self), "summary": self.summary.to_json()}
+        """The header as the plan file stores it (keys in field order; a plan without its own chat template
+        keeps format 1's keys)."""
+        obj = {**dataclasses.asdict(self), "summary": self.summary.to_json()}
+        if self.chat_template_fingerprint is None:
+            del obj["chat_template_fingerprint"]
+        return obj
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> PlanHeader:
