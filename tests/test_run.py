@@ -161,3 +161,23 @@ def test_changed_input_is_refused(tmp_path: Path) -> None:
 def test_missing_plan_is_a_one_line_error(tmp_path: Path) -> None:
     result = batchrun("run", "--plan", str(tmp_path / "absent.plan"), "-o", str(tmp_path / "out.jsonl"))
     assert result.returncode == 3 and result.stderr.startswith("error:") and len(result.stderr.splitlines()) == 1
+
+
+def test_ordered_output_follows_the_input_with_samples_and_logprobs(tmp_path: Path) -> None:
+    rows = [{"id": f"q{i}", "prompt": f"Question {i}: " + "word " * (i % 4), "max_tokens": 1 + (7 * i) % 9,
+             "temperature": 0} for i in range(10)]
+    rows[3] = {**rows[3], "n": 3, "temperature": 1.0, "seed": 5, "logprobs": True, "top_logprobs": 2}
+    text = "".join(json.dumps(r) + "\n" for r in rows[:6]) + "not json\n" + "".join(
+        json.dumps(r) + "\n" for r in rows[6:])
+    (tmp_path / "in.jsonl").write_text(text)
+    out = tmp_path / "out.jsonl"
+    result = batchrun("run", "--plan", str(plan(tmp_path, tmp_path / "in.jsonl")), "-o", str(out), "--ordered",
+                      "--threads", "1")
+    assert result.returncode == 1, result.stderr  # the bad line
+    got = lines(out)
+    assert [r["id"] for r in got] == [f"q{i}" for i in range(6)] + [None] + [f"q{i}" for i in range(6, 10)]
+    choices = got[3]["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2] and got[3]["usage"]["completion_tokens"] == sum(
+        len(c["token_ids"]) for c in choices)
+    assert all(len(c["logprobs"]) == len(c["token_ids"]) and len(c["logprobs"][0]["top_logprobs"]) == 2
+               for c in choices)
