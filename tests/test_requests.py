@@ -97,7 +97,9 @@ BAD_LINES = [
     ('{"custom_id": "c", "url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": "a"}], '
      '"tools": [{"type": "function", "function": {"name": "f"}}]}}', "unsupported_field", "body.tools"),
     ('{"custom_id": "c", "url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": "a"}], '
-     '"response_format": {"type": "json_object"}}}', "unsupported_field", "body.response_format"),
+     '"response_format": {"type": "grammar"}}}', "invalid_value", "body.response_format"),
+    ('{"custom_id": "c", "url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": "a"}], '
+     '"modalities": ["text", "audio"]}}', "unsupported_field", "body.modalities"),
     ('{"id": "x", "prompt": "a", "tool_choice": "auto"}', "unsupported_field", "tool_choice"),
     ('{"id": "x", "prompt": "a", "presence_penalty": 2.5}', "invalid_value", "presence_penalty"),
     ('{"id": "x", "prompt": "a", "frequency_penalty": "1"}', "invalid_type", "frequency_penalty"),

@@ -21,7 +21,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "moderation": (),
     "prediction": (),
     "reasoning_effort": (),
-    "response_format": ({"type": "text"},),
     "stream_options": (),
     "suffix": ("",),
     "tool_choice": ("none",),

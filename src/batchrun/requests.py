@@ -6,6 +6,7 @@ A bad line never stops the read: it becomes an InvalidLine naming its line numbe
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Any, Literal
 import orjson
 
 from batchrun.errors import UserError
+from batchrun.grammar import parse_response_format
 from batchrun.openai_fields import check_unsupported
 from batchrun.sampling import LineError, SamplingParams, kind, parse_int, parse_sampling
 
@@ -136,7 +138,7 @@ def _parse_plain(obj: dict[str, Any], line_no: int) -> ParsedLine:
     rid = _id_field(obj, "id", default=f"line-{line_no}")
     check_unsupported(obj, prefix="")
     endpoint, prompt = _prompt_fields(obj, prefix="")
-    sampling = parse_sampling(obj, prefix="")
+    sampling = _sampling(obj, prefix="")
     request = Request(line_no, rid, "plain", endpoint, sampling, num_samples=_num_samples(obj, prefix=""))
     return ParsedLine(request, prompt, _template_kwargs(obj, prefix=""))
 
@@ -162,11 +164,21 @@ def _parse_openai(obj: dict[str, Any], line_no: int) -> ParsedLine:
         raise LineError("missing_field", f"body.{key}", f"{url} needs {key!r}")
     _, prompt = _prompt_fields({key: body[key]}, prefix="body.")
     model = body.get("model")
-    sampling = parse_sampling(body, prefix="body.", is_openai_chat=endpoint == "chat",
-                              is_openai_completions=endpoint == "completions")
+    sampling = _sampling(body, prefix="body.", is_openai_chat=endpoint == "chat",
+                         is_openai_completions=endpoint == "completions")
     request = Request(line_no, rid, "openai", endpoint, sampling, model if isinstance(model, str) else None,
                       num_samples=_num_samples(body, prefix="body."))
     return ParsedLine(request, prompt, _template_kwargs(body, prefix="body."))
+
+
+def _sampling(obj: dict[str, Any], *, prefix: str, **kw: bool) -> SamplingParams:
+    sampling = parse_sampling(obj, prefix=prefix, **kw)
+    response_format = parse_response_format(obj.get("response_format"), f"{prefix}response_format")
+    if response_format is None:
+        return sampling
+    if sampling.min_tokens:  # the grammar's end is an EOS, which min_tokens would forbid
+        raise LineError("invalid_request", f"{prefix}min_tokens", "cannot be combined with a response_format")
+    return dataclasses.replace(sampling, response_format=response_format)
 
 
 def _num_samples(obj: dict[str, Any], *, prefix: str) -> int:

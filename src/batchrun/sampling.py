@@ -37,6 +37,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), sorted by token id
     logprobs: bool = False  # return the sampled tokens' log-probabilities
     top_logprobs: int = 0  # and this many most likely alternatives per position
+    response_format: str | None = None  # structured output: canonical JSON of the format (grammar.py)
 
     def __post_init__(self) -> None:
         # The plan file stores records as JSON, which has no tuples: rebuild them here, once.

@@ -26,6 +26,7 @@ from batchrun.engine.model_runner import ModelRunner, nan_rows
 from batchrun.engine.request_state import RequestState
 from batchrun.engine.sampler import Sampler
 from batchrun.engine.scheduler import Scheduler, SchedulerConfig, Step
+from batchrun.engine.structured import StructuredOutput
 from batchrun.kv_accounting import KVAccounting
 from batchrun.model.llama import LlamaModel
 from batchrun.output import Completion, FinishReason
@@ -174,6 +175,8 @@ class _Run:
         params = [r.sampling for r in self.requests]
         self.processors = LogitsProcessors(params, prompts=plan.tokens, device=engine.model.device)
         self.logprobs = LogprobsRecorder(params, decode=engine.tokenizer.decode)
+        self.structured = StructuredOutput(params, tokenizer=engine.tokenizer, vocab_size=cfg.vocab_size,
+                                           eos_token_ids=engine.eos_token_ids)
 
     def _num_slots(self, kv: KVAccounting, is_skipped: np.ndarray) -> int:
         """The budget in tokens, capped at what the plan could ever hold at once (a small job on a large
@@ -235,8 +238,10 @@ class _Run:
         is_nan = nan_rows(logits)
         captured = self.logprobs.capture(logits, requests)  # the raw distribution, before any processor
         self.processors.apply(logits, requests, output_ids=state.output_ids)
+        structured_rows = self.structured.apply(logits, requests)
         tokens = self.sampler.sample(logits, requests, state.num_generated[requests])
         self.logprobs.record(captured, requests, tokens)
+        self.structured.accept(requests, structured_rows[~is_nan[structured_rows]], tokens)
         state.append(requests, tokens)
         counts.output_tokens += len(requests)
         finishes = self.finish.check(
@@ -284,6 +289,7 @@ class _Run:
             alloc.free(self.state.release_node(n))
         self.sampler.release(r)
         self.logprobs.release(r)
+        self.structured.release(r)
 
 
 def _context_errors(engine: Engine, is_skipped: np.ndarray) -> dict[int, str]:
