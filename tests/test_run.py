@@ -146,6 +146,10 @@ def test_openai_errors_go_to_a_separate_file_by_default(tmp_path: Path) -> None:
     assert sorted(errors) == [2, 3, 4]
     assert errors[2]["response"]["body"]["error"]["param"] == "body.tools"
     assert errors[3]["response"]["body"]["error"]["code"] == "duplicate_id" and errors[3]["custom_id"] == "a"
+    stats = batchrun("stats", str(out), "--json")  # finds the error file from the run's records
+    assert stats.returncode == 0, stats.stderr
+    report = json.loads(stats.stdout.splitlines()[-1])
+    assert (report["requests"], report["failed"]) == (1, 3)
 
 
 def test_changed_input_is_refused(tmp_path: Path) -> None:
