@@ -43,9 +43,12 @@ class PlanLike(Protocol):
 
 
 class Writer(Protocol):
-    def write_completion(self, request: Request, completion: Completion) -> None: ...
+    """Where results go (output.OutputWriter, through progress.ProgressWriter); one call per finished sample."""
 
-    def write_error(self, record: Request, *, code: str | None = None, message: str | None = None) -> None: ...
+    def write_completion(self, request: Request, completion: Completion) -> bool | None: ...
+
+    def write_error(self, record: Request, *, code: str | None = None, message: str | None = None
+                    ) -> bool | None: ...
 
 
 class Metrics(Protocol):
