@@ -291,6 +291,7 @@ class _Run:
         for n in self.scheduler.finish(r):
             alloc.free(self.state.release_node(n))
         self.sampler.release(r)
+        self.processors.release(r)
         self.logprobs.release(r)
         self.structured.release(r)
 

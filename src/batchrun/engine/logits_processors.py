@@ -35,6 +35,7 @@ class LogitsProcessors:
         self.bias_value = np.array([b for p in params for _, b in p.logit_bias], np.float32)
         has_bias = np.diff(self.bias_indptr) > 0
         self.is_active = self.has_penalty | has_bias | ((self.min_p > 0) & (self.temperature > 0))
+        self._prompt_cache: dict[int, np.ndarray] = {}
 
     def apply(self, logits: torch.Tensor, requests: np.ndarray, *, output_ids: Sequence[list[int]]) -> None:
         """logits float32 [M, V], modified in place; requests int64 [M] (plan rows); output_ids: the tokens
@@ -64,8 +65,8 @@ class LogitsProcessors:
                    output_ids: Sequence[list[int]]) -> None:
         num_vocab = logits.shape[1]
         counts = _token_counts([output_ids[r] for r in reqs.tolist()], num_vocab, self.device)  # [P, V]
-        prompt = self.prompts
-        is_prompt = _token_counts([prompt.tokens[prompt.indptr[r]:prompt.indptr[r + 1]] for r in reqs.tolist()],
+        # Only the repetition penalty reads the prompt: its distinct tokens, found once per request.
+        is_prompt = _token_counts([self._prompt_ids(r) if self.repetition[r] != 1.0 else () for r in reqs.tolist()],
                                   num_vocab, self.device) > 0
         r = self._tensor(rows)
         x = logits[r]
@@ -78,6 +79,17 @@ class LogitsProcessors:
         x -= self._tensor(self.frequency[reqs]).unsqueeze(1) * counts
         x -= self._tensor(self.presence[reqs]).unsqueeze(1) * (counts > 0).float()
         logits[r] = x
+
+    def _prompt_ids(self, request: int) -> np.ndarray:
+        ids = self._prompt_cache.get(request)
+        if ids is None:
+            start, end = self.prompts.indptr[request], self.prompts.indptr[request + 1]
+            ids = self._prompt_cache[request] = np.unique(self.prompts.tokens[start:end])
+        return ids
+
+    def release(self, request: int) -> None:
+        """The request is finished: drops its cached prompt tokens."""
+        self._prompt_cache.pop(request, None)
 
     def _min_p(self, logits: torch.Tensor, requests: np.ndarray) -> None:
         min_p, temperature = self.min_p[requests], self.temperature[requests]
