@@ -87,7 +87,7 @@ def test_inactive_requests_are_left_alone() -> None:
 def test_logprobs_against_float64_log_softmax() -> None:
     params = [SamplingParams(max_tokens=4, logprobs=True, top_logprobs=3), SamplingParams(max_tokens=4),
               SamplingParams(max_tokens=4, logprobs=True)]
-    recorder = LogprobsRecorder(params, decode=lambda ids: f"<{ids[0]}>")
+    recorder = LogprobsRecorder(params, token_bytes=lambda t: f"<{t}>".encode() if t != 6 else b"\xe2\x80")
     logits = torch.randn(3, V, generator=torch.Generator().manual_seed(0)) * 4
     requests, tokens = np.array([2, 1, 0]), np.array([5, 6, 7])
     captured = recorder.capture(logits, requests)
@@ -96,9 +96,12 @@ def test_logprobs_against_float64_log_softmax() -> None:
     assert recorder.take(1) is None
     ref = torch.log_softmax(torch.randn(3, V, generator=torch.Generator().manual_seed(0)).double() * 4, dim=-1)
     (a,) = recorder.take(0)  # row 2 of the step
-    assert a.token == "<7>" and a.logprob == pytest.approx(float(ref[2, 7]), abs=1e-5)
+    assert (a.token, a.bytes) == ("<7>", list(b"<7>")) and a.logprob == pytest.approx(float(ref[2, 7]), abs=1e-5)
     top = ref[2].topk(3)
-    assert [t for t, _ in a.top] == [f"<{i}>" for i in top.indices.tolist()]
-    assert [lp for _, lp in a.top] == pytest.approx(top.values.tolist(), abs=1e-5)
+    assert [t.token for t in a.top] == [f"<{i}>" if i != 6 else "bytes:\\xe2\\x80" for i in top.indices.tolist()]
+    assert [t.logprob for t in a.top] == pytest.approx(top.values.tolist(), abs=1e-5)
     (c,) = recorder.take(2)
     assert c.token == "<5>" and c.top == [] and c.logprob == pytest.approx(float(ref[0, 5]), abs=1e-5)
+    recorder.record(recorder.capture(torch.zeros(1, V), np.array([0])), np.array([0]), np.array([6]))
+    (d,) = recorder.take(0)
+    assert (d.token, d.bytes) == ("bytes:\\xe2\\x80", [0xE2, 0x80])  # part of a character: shown as bytes

@@ -9,7 +9,7 @@ from openai.types.chat import ChatCompletion as SdkChatCompletion
 
 from batchrun.errors import UserError
 from batchrun.jsonl import iter_jsonl, repair_torn_tail
-from batchrun.output import Completion, OutputWriter, TokenLogprob, default_errors_path
+from batchrun.output import Completion, OutputWriter, TokenChoice, TokenLogprob, default_errors_path
 from batchrun.requests import InvalidLine, Request, SamplingParams
 
 SP = SamplingParams(max_tokens=4, temperature=0.0)
@@ -227,7 +227,10 @@ def test_exactly_once_across_kills(tmp_path, fmt):
     assert sorted(ok_ids) == sorted(r.id for r in records if isinstance(r, Request) and r.line % 5)
 
 
-LOGPROBS = [TokenLogprob("a", -0.5, [("a", -0.5), ("é", -1.5)]), TokenLogprob(" b", -2.0, [(" b", -2.0), ("c", -2.1)])]
+LOGPROBS = [
+    TokenLogprob("a", -0.5, [97], [TokenChoice("a", -0.5, [97]), TokenChoice("bytes:\\xc3", -1.5, [195])]),
+    TokenLogprob(" b", -2.0, [32, 98], [TokenChoice(" b", -2.0, [32, 98]), TokenChoice("c", -2.1, [99])]),
+]
 
 
 @pytest.mark.parametrize("endpoint", ["chat", "completions"])
@@ -246,10 +249,11 @@ def test_n_choices_with_logprobs_validate_against_the_sdk(tmp_path, endpoint):
     if endpoint == "chat":
         assert lp["content"][1] == {"token": " b", "logprob": -2.0, "bytes": [32, 98], "top_logprobs": [
             {"token": " b", "logprob": -2.0, "bytes": [32, 98]}, {"token": "c", "logprob": -2.1, "bytes": [99]}]}
-        assert lp["content"][0]["top_logprobs"][1]["bytes"] == [195, 169] and lp["refusal"] is None
+        assert lp["content"][0]["top_logprobs"][1] == {"token": "bytes:\\xc3", "logprob": -1.5, "bytes": [195]}
+        assert lp["refusal"] is None
     else:
         assert lp == {"tokens": ["a", " b"], "token_logprobs": [-0.5, -2.0], "text_offset": [0, 1],
-                      "top_logprobs": [{"a": -0.5, "é": -1.5}, {" b": -2.0, "c": -2.1}]}
+                      "top_logprobs": [{"a": -0.5, "bytes:\\xc3": -1.5}, {" b": -2.0, "c": -2.1}]}
         assert body["choices"][1]["logprobs"] is None
 
 

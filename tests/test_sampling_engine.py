@@ -17,6 +17,7 @@ from batchrun.engine.engine import Engine
 from batchrun.planner import PlannerConfig, plan_requests
 from batchrun.planning import samples
 from batchrun.requests import Request, SamplingParams
+from batchrun.tokenizer import token_bytes_of
 from batchrun.tokens import TokenTable
 from checkpoints import make_checkpoint
 from test_engine import VOCAB, Checkpoint, Job, Plan, build_plan, run
@@ -56,6 +57,7 @@ def hf_generate(ck, prompt: list[int], max_new_tokens: int, **kw):
 
 def test_penalties_bias_and_logprobs_match_transformers(ck):
     rng = np.random.default_rng(0)
+    token_bytes = token_bytes_of(ck.tokenizer)
     job_prompts = prompts(rng, 4)
     params = [
         SamplingParams(max_tokens=10, temperature=0.0, repetition_penalty=1.7, logprobs=True, top_logprobs=3),
@@ -83,8 +85,10 @@ def test_penalties_bias_and_logprobs_match_transformers(ck):
             raw.gather(1, torch.tensor(got.token_ids).unsqueeze(1)).squeeze(1).tolist(), abs=1e-4)
         for step, lp in enumerate(got.logprobs):
             top = raw[step].topk(p.top_logprobs)
-            assert [b for _, b in lp.top] == pytest.approx(top.values.tolist(), abs=1e-4)
-            assert [t for t, _ in lp.top] == [ck.tokenizer.decode([t]) for t in top.indices.tolist()]
+            assert [t.logprob for t in lp.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+            assert [t.bytes for t in lp.top] == [list(token_bytes(t)) for t in top.indices.tolist()]
+        text = bytes(b for lp in got.logprobs for b in lp.bytes).decode(errors="replace")
+        assert text == ck.tokenizer.decode(got.token_ids)  # the bytes rebuild the output
     assert writer.completions["r2"].token_ids == [5] * 6
 
 

@@ -21,7 +21,7 @@ from batchrun.planner import PlannerConfig
 from batchrun.planning import build_plan
 from batchrun.requests import InputReader, InvalidLine, ParsedLine, SamplingParams
 from batchrun.runner import run_plan_file
-from batchrun.tokenizer import load_tokenizer
+from batchrun.tokenizer import load_tokenizer, token_bytes_of
 
 SCHEMA = {
     "type": "object",
@@ -127,3 +127,16 @@ def test_outputs_parse_and_validate_in_both_formats(tmp_path: Path, temperature:
                 jsonschema.validate(value, SCHEMA)
             checked += 1
     assert checked == 6 * 2 + 6
+
+
+def test_token_bytes_agree_with_xgrammars_vocabulary() -> None:
+    """The logprobs' `bytes` (tokenizer.token_bytes_of) against xgrammar's own decoding of the vocabulary."""
+    import xgrammar as xgr
+
+    tokenizer = load_tokenizer(resolve_model("builtin-tiny"))
+    info = xgr.TokenizerInfo.from_huggingface(tokenizer)
+    token_bytes = token_bytes_of(tokenizer)
+    special = set(tokenizer.all_special_ids)
+    mismatches = [i for i in range(len(tokenizer)) if i not in special and token_bytes(i) != info.decoded_vocab[i]]
+    assert mismatches == []
+    assert token_bytes(194) == b"\x00" and len(token_bytes(100)) == 1  # bytes that are not text on their own

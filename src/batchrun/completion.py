@@ -9,13 +9,23 @@ from typing import Literal, NamedTuple
 FinishReason = Literal["stop", "length"]
 
 
-class TokenLogprob(NamedTuple):
-    """One output position: the sampled token's text and natural-log probability under the model's own
-    distribution (before penalties, temperature and cuts), and the `top_logprobs` most likely alternatives."""
+class TokenChoice(NamedTuple):
+    """A token with its natural-log probability: its text, and its own bytes (a token can hold part of a
+    character; its text then shows the bytes, as OpenAI's "bytes:\\xe2\\x80")."""
 
     token: str
     logprob: float
-    top: list[tuple[str, float]]  # most likely first
+    bytes: list[int]
+
+
+class TokenLogprob(NamedTuple):
+    """One output position: the sampled token under the model's own distribution (before penalties,
+    temperature and cuts), and the `top_logprobs` most likely alternatives."""
+
+    token: str
+    logprob: float
+    bytes: list[int]
+    top: list[TokenChoice]  # most likely first
 
 
 @dataclass(frozen=True)

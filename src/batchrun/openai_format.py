@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from batchrun.completion import Completion, TokenLogprob
+from batchrun.completion import Completion, TokenChoice, TokenLogprob
 from batchrun.requests import Request
 
 # Run-time failures that are the server's fault, not the request's (HTTP 500); every other error is a 400.
@@ -64,10 +64,10 @@ def _choice(request: Request, index: int, completion: Completion) -> dict[str, A
 
 def chat_logprobs(logprobs: Sequence[TokenLogprob]) -> dict[str, Any]:
     """Chat's shape: `{content: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}], refusal}`."""
-    def entry(token: str, logprob: float) -> dict[str, Any]:
-        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+    def entry(choice: TokenChoice | TokenLogprob) -> dict[str, Any]:
+        return {"token": choice.token, "logprob": choice.logprob, "bytes": choice.bytes}
 
-    content = [{**entry(p.token, p.logprob), "top_logprobs": [entry(t, lp) for t, lp in p.top]} for p in logprobs]
+    content = [{**entry(p), "top_logprobs": [entry(t) for t in p.top]} for p in logprobs]
     return {"content": content, "refusal": None}
 
 
@@ -81,7 +81,7 @@ def completions_logprobs(logprobs: Sequence[TokenLogprob]) -> dict[str, Any]:
     return {
         "tokens": [p.token for p in logprobs],
         "token_logprobs": [p.logprob for p in logprobs],
-        "top_logprobs": [dict(p.top) for p in logprobs],
+        "top_logprobs": [{t.token: t.logprob for t in p.top} for p in logprobs],
         "text_offset": offsets,
     }
 

@@ -17,12 +17,12 @@ from typing import Any
 import orjson
 
 from batchrun import openai_format
-from batchrun.completion import Completion, FinishReason, TokenLogprob
+from batchrun.completion import Completion, FinishReason, TokenChoice, TokenLogprob
 from batchrun.errors import UserError
 from batchrun.jsonl import iter_jsonl, open_append, repair_torn_tail, write_all
 from batchrun.requests import InvalidLine, Request
 
-__all__ = ["Completion", "FinishReason", "OutputWriter", "TokenLogprob", "default_errors_path"]
+__all__ = ["Completion", "FinishReason", "OutputWriter", "TokenChoice", "TokenLogprob", "default_errors_path"]
 
 # Every line is flushed to the OS as it is written, so a killed process (kill -9, OOM) loses at most the line
 # being written, and resume repairs that. fsync only protects against a power loss or an OS crash; doing it

@@ -6,7 +6,7 @@ Chat messages go through the model's chat template first, so the prefix tree see
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from batchrun.errors import UserError
@@ -26,6 +26,37 @@ def load_tokenizer(spec: ModelSpec) -> Any:
         return AutoTokenizer.from_pretrained(str(spec.path), local_files_only=True)
     except (OSError, ValueError) as e:
         raise UserError(f"model {spec.name!r}: its tokenizer cannot be loaded from {spec.path} ({e})") from None
+
+
+def token_bytes_of(tokenizer: Any) -> Callable[[int], bytes]:
+    """token id → the token's own bytes (OpenAI's logprobs `bytes`): byte-level BPE tokens mapped back through
+    GPT-2's byte alphabet, SentencePiece byte tokens (`<0xNN>`) as their byte, any other as its text's UTF-8."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    is_byte_level = backend is not None and '"ByteLevel"' in backend.to_str()
+    byte_of = {c: b for b, c in _byte_alphabet().items()}
+
+    def token_bytes(token_id: int) -> bytes:
+        piece = tokenizer.convert_ids_to_tokens(token_id)
+        if is_byte_level and all(c in byte_of for c in piece):
+            return bytes(byte_of[c] for c in piece)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])
+        return tokenizer.decode([token_id]).encode()
+
+    return token_bytes
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte, which byte-level BPE vocabularies are written in."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
 
 
 class EncodeError(Exception):

@@ -31,6 +31,7 @@ from batchrun.kv_accounting import KVAccounting
 from batchrun.model.llama import LlamaModel
 from batchrun.output import Completion, FinishReason
 from batchrun.requests import Request
+from batchrun.tokenizer import token_bytes_of
 from batchrun.tokens import TokenTable
 
 
@@ -177,7 +178,7 @@ class _Run:
         )
         params = [r.sampling for r in self.requests]
         self.processors = LogitsProcessors(params, prompts=plan.tokens, device=engine.model.device)
-        self.logprobs = LogprobsRecorder(params, decode=engine.tokenizer.decode)
+        self.logprobs = LogprobsRecorder(params, token_bytes=token_bytes_of(engine.tokenizer))
         self.structured = StructuredOutput(params, tokenizer=engine.tokenizer, vocab_size=cfg.vocab_size,
                                            eos_token_ids=engine.eos_token_ids)
 

@@ -11,7 +11,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from batchrun.completion import TokenLogprob
+from batchrun.completion import TokenChoice, TokenLogprob
 from batchrun.requests import SamplingParams
 
 
@@ -25,11 +25,11 @@ class Captured(NamedTuple):
 class LogprobsRecorder:
     """Per request (plan row): the sampled tokens' logprobs and top alternatives, collected step by step."""
 
-    def __init__(self, params: Sequence[SamplingParams], *, decode: Callable[[list[int]], str]) -> None:
+    def __init__(self, params: Sequence[SamplingParams], *, token_bytes: Callable[[int], bytes]) -> None:
         self.wants = np.array([p.logprobs for p in params], bool)
         self.num_top = np.array([p.top_logprobs for p in params], np.int64)
-        self.decode = decode
-        self._tokens: dict[int, str] = {}  # token id → its text, decoded once
+        self.token_bytes = token_bytes
+        self._tokens: dict[int, tuple[str, list[int]]] = {}  # token id → its text and bytes, found once
         self._steps: dict[int, list[tuple[int, float, list[int], list[float]]]] = {}
 
     def capture(self, logits: torch.Tensor, requests: np.ndarray) -> Captured | None:
@@ -61,14 +61,21 @@ class LogprobsRecorder:
         if not self.wants[request]:
             return None
         steps = self._steps.pop(request, [])
-        return [TokenLogprob(self._text(t), lp, [(self._text(a), b) for a, b in zip(ids, lps, strict=True)])
+        return [TokenLogprob(*self._token(t, lp), [TokenChoice(*self._token(a, b)) for a, b in zip(ids, lps,
+                                                                                                 strict=True)])
                 for t, lp, ids, lps in steps]
 
     def release(self, request: int) -> None:
         self._steps.pop(request, None)
 
-    def _text(self, token: int) -> str:
-        text = self._tokens.get(token)
-        if text is None:
-            text = self._tokens[token] = self.decode([token])
-        return text
+    def _token(self, token: int, logprob: float) -> tuple[str, float, list[int]]:
+        """(text, logprob, bytes); a token that is not whole UTF-8 is shown by its bytes, as OpenAI does."""
+        known = self._tokens.get(token)
+        if known is None:
+            raw = self.token_bytes(token)
+            try:
+                text = raw.decode()
+            except UnicodeDecodeError:
+                text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+            known = self._tokens[token] = (text, list(raw))
+        return known[0], logprob, known[1]
