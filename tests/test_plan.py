@@ -81,7 +81,7 @@ def test_header_and_records_keep_the_format(tmp_path: Path, spec, tokenizer) -> 
         r.line, r.id, r.format, r.endpoint, r.model, r.num_samples, r.sample_index,
         s.max_tokens, s.min_tokens, s.temperature, s.top_p, s.top_k, s.seed, list(s.stop),
         s.min_p, s.presence_penalty, s.frequency_penalty, s.repetition_penalty, list(s.logit_bias), s.logprobs,
-        s.top_logprobs]
+        s.top_logprobs, s.response_format]
 
 
 def test_sample_data_shares_prefixes_in_both_formats(spec, tokenizer) -> None:
