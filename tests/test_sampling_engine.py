@@ -116,3 +116,30 @@ def test_n_samples_share_the_prompt_and_equal_single_requests(ck):
         single = Job([prompt], [alone.sampling], eos=1)
         w, _ = run(ck, build_plan(single, kv_bytes_per_token=kv), single, kv_budget_bytes=1 << 30, seed=7)
         assert w.completions["r0"].token_ids == outputs[i], i
+
+
+def test_sampling_options_on_the_triton_backend(tmp_path):
+    """The same options through TritonBackend (compiled on a GPU, else Triton's interpreter) give the torch
+    backend's tokens and logprobs (1e-4): the processors run on whatever device the logits are on."""
+    from batchrun.attention import TorchBackend, TritonBackend
+    from batchrun.model.loader import load_model
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ck = Checkpoint(make_checkpoint(tmp_path, "llama", hidden_size=128, num_attention_heads=2, num_key_value_heads=1,
+                                    head_dim=64))  # the kernels take head sizes 64, 80, 96 and 128
+    job_prompts = prompts(np.random.default_rng(2), 3)
+    params = [SamplingParams(max_tokens=6, temperature=0.0, repetition_penalty=1.5, presence_penalty=0.5,
+                             logprobs=True, top_logprobs=2),
+              SamplingParams(max_tokens=6, temperature=0.0, frequency_penalty=1.0, logit_bias=((7, 5.0),)),
+              SamplingParams(max_tokens=6, temperature=0.0, logit_bias=((3, -100.0),), logprobs=True)]
+    job = Job(job_prompts, params, eos=1)
+    plan = build_plan(job, kv_bytes_per_token=ck.model.config.kv_bytes_per_token)
+    reference, _ = run(ck, plan, job, kv_budget_bytes=1 << 30, backend=TorchBackend(torch.device("cpu")))
+    if device.type == "cuda":
+        ck.model = load_model(ck.spec, device=device)
+    got, _ = run(ck, plan, job, kv_budget_bytes=1 << 30, backend=TritonBackend(device))
+    for rid, want in reference.completions.items():
+        assert got.completions[rid].token_ids == want.token_ids, rid
+        if want.logprobs is not None:
+            assert [p.logprob for p in got.completions[rid].logprobs] == pytest.approx(
+                [p.logprob for p in want.logprobs], abs=1e-4)
