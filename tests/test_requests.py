@@ -151,6 +151,17 @@ def test_openai_fields_max_completion_tokens_wins_and_chat_default(tmp_path: Pat
         16, True, 0)
 
 
+def test_nulls_mean_the_default(tmp_path: Path) -> None:
+    """The openai SDK writes unset optional fields as null."""
+    names = ("temperature", "top_p", "top_k", "min_tokens", "max_tokens", "max_completion_tokens", "seed", "stop",
+             "n", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "logit_bias",
+             "response_format", "tools", "user")
+    rec = one(tmp_path, {"custom_id": "c", "url": "/v1/completions", "body": {"prompt": "x", **dict.fromkeys(names)}})
+    assert isinstance(rec, ParsedLine), rec
+    assert rec.request.sampling == one(tmp_path, {"custom_id": "c", "url": "/v1/completions",
+                                                  "body": {"prompt": "x"}}).request.sampling
+
+
 def test_bad_line_keeps_its_id_and_format(tmp_path: Path) -> None:
     bad = one(tmp_path, {"custom_id": "c9", "url": "/v1/nope", "body": {}})
     assert isinstance(bad, InvalidLine) and (bad.id, bad.format) == ("c9", "openai")

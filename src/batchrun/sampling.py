@@ -59,17 +59,17 @@ def parse_sampling(obj: dict[str, Any], *, prefix: str, is_openai_chat: bool = F
                    is_openai_completions: bool = False) -> SamplingParams:
     """The sampling fields of a plain line or an OpenAI body (`prefix` "body.") → SamplingParams."""
     max_tokens = _max_tokens(obj, prefix=prefix, is_openai_chat=is_openai_chat)
-    min_tokens = parse_int(obj.get("min_tokens", 0), f"{prefix}min_tokens", low=0)
+    min_tokens = parse_int(_or(obj, "min_tokens", 0), f"{prefix}min_tokens", low=0)
     if max_tokens is not None and min_tokens > max_tokens:
         raise LineError("invalid_value", f"{prefix}min_tokens", f"{min_tokens} is above max_tokens ({max_tokens})")
-    top_k = parse_int(obj.get("top_k", defaults.TOP_K), f"{prefix}top_k", low=-1)
+    top_k = parse_int(_or(obj, "top_k", defaults.TOP_K), f"{prefix}top_k", low=-1)
     seed = obj.get("seed")
     logprobs, top_logprobs = _logprobs(obj, prefix=prefix, is_openai_completions=is_openai_completions)
     return SamplingParams(
         max_tokens=max_tokens,
         min_tokens=min_tokens,
-        temperature=_float(obj.get("temperature", defaults.TEMPERATURE), f"{prefix}temperature", 0.0, 2.0),
-        top_p=_float(obj.get("top_p", defaults.TOP_P), f"{prefix}top_p", 0.0, 1.0, low_open=True),
+        temperature=_float(_or(obj, "temperature", defaults.TEMPERATURE), f"{prefix}temperature", 0.0, 2.0),
+        top_p=_float(_or(obj, "top_p", defaults.TOP_P), f"{prefix}top_p", 0.0, 1.0, low_open=True),
         top_k=max(top_k, 0),  # -1 means "off", as in vLLM
         seed=None if seed is None else parse_int(seed, f"{prefix}seed", low=-(2**63)),
         stop=_stop(obj.get("stop"), f"{prefix}stop"),
