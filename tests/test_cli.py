@@ -70,6 +70,7 @@ def test_user_mistakes_are_one_line_errors_without_traceback(tmp_path: Path) -> 
         ("plan", str(SAMPLE / "requests.jsonl"), "--kv-budget", "lots"),
         ("plan", "--show", str(not_jsonl)),
         ("plan", str(SAMPLE / "requests.jsonl"), "-o", "/dev/null/job.plan"),  # cannot be written
+        ("plan", str(SAMPLE / "requests.jsonl"), "--chat-template", str(tmp_path / "absent.jinja")),
     ]
     for args in cases:
         result = batchrun(*args)
@@ -77,6 +78,21 @@ def test_user_mistakes_are_one_line_errors_without_traceback(tmp_path: Path) -> 
         assert "Traceback" not in result.stderr, args
         assert result.stderr.strip().startswith("error:"), (args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1, (args, result.stderr)
+
+
+def test_chat_template_file(tmp_path: Path) -> None:
+    from batchrun.model.spec import resolve_model
+    from batchrun.planfile import load_plan
+    from batchrun.tokenizer import load_tokenizer
+
+    (tmp_path / "in.jsonl").write_text(json.dumps({"id": "a", "messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    (tmp_path / "t.jinja").write_text("{% for m in messages %}<<{{ m.content }}>>{% endfor %}")
+    result = batchrun("plan", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "p"), "--chat-template",
+                      str(tmp_path / "t.jinja"))
+    assert result.returncode == 0, result.stderr
+    plan = load_plan(tmp_path / "p")
+    assert load_tokenizer(resolve_model("builtin-tiny")).decode(plan.tokens.tokens) == "<<hi>>"
+    assert plan.header.chat_template_fingerprint is not None
 
 
 def test_device_choice() -> None:

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import orjson
 import pytest
+from openai.types import Completion as SdkCompletion
+from openai.types.chat import ChatCompletion as SdkChatCompletion
 
 from batchrun.errors import UserError
 from batchrun.jsonl import iter_jsonl, repair_torn_tail
-from batchrun.output import Completion, OutputWriter
+from batchrun.output import Completion, OutputWriter, TokenChoice, TokenLogprob, default_errors_path
 from batchrun.requests import InvalidLine, Request, SamplingParams
 
 SP = SamplingParams(max_tokens=4, temperature=0.0)
 
 
-def req(line: int, rid: str, fmt: str = "plain", endpoint: str = "completions", model: str | None = None):
-    return Request(line=line, id=rid, format=fmt, endpoint=endpoint, sampling=SP, model=model)
+def req(line: int, rid: str, fmt: str = "plain", endpoint: str = "completions", model: str | None = None,
+        n: int = 1, index: int = 0):
+    return Request(line=line, id=rid, format=fmt, endpoint=endpoint, sampling=SP, model=model, num_samples=n,
+                   sample_index=index)
 
 
 def comp(n: int = 3, reason: str = "length") -> Completion:
@@ -38,7 +42,7 @@ def test_plain_success(tmp_path):
 
 def test_openai_completions_success(tmp_path):
     out = tmp_path / "out.jsonl"
-    with OutputWriter(out) as w:
+    with OutputWriter(out, model_name="tiny", system_fingerprint="fp_1") as w:
         w.write_completion(req(1, "c1", "openai", "completions", model="m1"), comp(2))
         w.write_completion(req(2, "c2", "openai", "completions"), comp(2))
     first, second = lines(out)
@@ -47,10 +51,12 @@ def test_openai_completions_success(tmp_path):
     resp = first["response"]
     assert resp["status_code"] == 200 and resp["request_id"]
     body = resp["body"]
-    assert body["object"] == "text_completion" and body["model"] == "m1" and isinstance(body["created"], int)
+    assert body["object"] == "text_completion" and isinstance(body["created"], int)
+    assert body["model"] == "tiny" and body["system_fingerprint"] == "fp_1"  # the model that ran, not "m1"
     assert body["choices"] == [{"text": "xx", "index": 0, "finish_reason": "length", "logprobs": None}]
     assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}
-    assert second["response"]["body"]["model"] is None
+    assert second["response"]["body"]["model"] == "tiny"
+    SdkCompletion.model_validate(body, strict=True)  # the SDK's own type
 
 
 def test_openai_chat_success_and_default_model(tmp_path):
@@ -59,9 +65,10 @@ def test_openai_chat_success_and_default_model(tmp_path):
         w.write_completion(req(1, "c1", "openai", "chat"), comp(1, "stop"))
     body = lines(out)[0]["response"]["body"]
     assert body["object"] == "chat.completion" and body["model"] == "tiny"
-    assert body["choices"] == [
-        {"index": 0, "message": {"role": "assistant", "content": "x"}, "finish_reason": "stop"}
-    ]
+    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "x", "refusal": None},
+                                "logprobs": None, "finish_reason": "stop"}]
+    assert "system_fingerprint" in body
+    SdkChatCompletion.model_validate(body, strict=True)
 
 
 def test_error_lines_of_every_kind(tmp_path):
@@ -70,15 +77,20 @@ def test_error_lines_of_every_kind(tmp_path):
         w.write_error(InvalidLine(line=1, id=None, format="plain", code="invalid_json", message="bad"))
         w.write_error(InvalidLine(line=2, id="p2", format="plain", code="invalid_value", message="max_tokens"))
         w.write_error(req(3, "p3"), code="engine_error", message="boom")
-        w.write_error(InvalidLine(line=4, id=None, format="openai", code="missing_field", message="custom_id"))
+        w.write_error(InvalidLine(line=4, id=None, format="openai", code="missing_field", message="custom_id",
+                                  param="custom_id"))
         w.write_error(req(5, "o5", "openai"), code="engine_error", message="boom")
     a, b, c, d, e = lines(out)
     assert a == {"id": None, "line": 1, "error": {"code": "invalid_json", "message": "bad"}}
     assert b == {"id": "p2", "line": 2, "error": {"code": "invalid_value", "message": "max_tokens"}}
     assert c == {"id": "p3", "line": 3, "error": {"code": "engine_error", "message": "boom"}}
-    assert d["id"].startswith("batch_req_") and d["custom_id"] is None and d["response"] is None
-    assert d["line"] == 4 and d["error"] == {"code": "missing_field", "message": "custom_id"}
-    assert e["custom_id"] == "o5" and e["response"] is None and e["error"]["code"] == "engine_error"
+    # OpenAI's error-file shape: the error in response.body, a 400 (500: the server's fault), error null.
+    assert d["id"].startswith("batch_req_") and d["custom_id"] is None and d["error"] is None
+    assert d["line"] == 4 and d["response"]["status_code"] == 400 and d["response"]["request_id"]
+    assert d["response"]["body"] == {"error": {"message": "custom_id", "type": "invalid_request_error",
+                                               "param": "custom_id", "code": "missing_field"}}
+    assert e["custom_id"] == "o5" and e["error"] is None and e["response"]["body"]["error"]["code"] == "engine_error"
+    assert e["response"]["body"]["error"]["param"] is None
 
 
 def test_errors_file_gets_error_lines(tmp_path):
@@ -209,7 +221,7 @@ def test_exactly_once_across_kills(tmp_path, fmt):
         r.line for r in records if isinstance(r, InvalidLine) or r.line % 5 == 0
     )
     key = "custom_id" if fmt == "openai" else "id"
-    ok_ids = [x[key] for x in written if x["error"] is None] if fmt == "openai" else [
+    ok_ids = [x[key] for x in written if x["response"]["status_code"] == 200] if fmt == "openai" else [
         x["id"] for x in written if "error" not in x
     ]
     assert sorted(ok_ids) == sorted(r.id for r in records if isinstance(r, Request) and r.line % 5)
@@ -227,3 +239,88 @@ def test_a_full_disk_names_the_file(tmp_path):
         assert e.value.filename == str(tmp_path / "out.jsonl")
     finally:
         os.close(fd)
+
+
+LOGPROBS = [
+    TokenLogprob("a", -0.5, [97], [TokenChoice("a", -0.5, [97]), TokenChoice("bytes:\\xc3", -1.5, [195])]),
+    TokenLogprob(" b", -2.0, [32, 98], [TokenChoice(" b", -2.0, [32, 98]), TokenChoice("c", -2.1, [99])]),
+]
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_n_choices_with_logprobs_validate_against_the_sdk(tmp_path, endpoint):
+    out = tmp_path / "out.jsonl"
+    with OutputWriter(out, model_name="tiny", system_fingerprint="fp_1") as w:
+        c = Completion(token_ids=[1, 2], text="a b", finish_reason="stop", prompt_tokens=5, logprobs=LOGPROBS)
+        assert not w.write_completion(req(1, "x", "openai", endpoint, n=2, index=1), comp(3))
+        assert w.write_completion(req(1, "x", "openai", endpoint, n=2, index=0), c)  # the line is complete
+    (line,) = lines(out)
+    body = line["response"]["body"]
+    (SdkChatCompletion if endpoint == "chat" else SdkCompletion).model_validate(body, strict=True)
+    assert [ch["index"] for ch in body["choices"]] == [0, 1]
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}  # prompt once
+    lp = body["choices"][0]["logprobs"]
+    if endpoint == "chat":
+        assert lp["content"][1] == {"token": " b", "logprob": -2.0, "bytes": [32, 98], "top_logprobs": [
+            {"token": " b", "logprob": -2.0, "bytes": [32, 98]}, {"token": "c", "logprob": -2.1, "bytes": [99]}]}
+        assert lp["content"][0]["top_logprobs"][1] == {"token": "bytes:\\xc3", "logprob": -1.5, "bytes": [195]}
+        assert lp["refusal"] is None
+    else:
+        assert lp == {"tokens": ["a", " b"], "token_logprobs": [-0.5, -2.0], "text_offset": [0, 1],
+                      "top_logprobs": [{"a": -0.5, "bytes:\\xc3": -1.5}, {" b": -2.0, "c": -2.1}]}
+        assert body["choices"][1]["logprobs"] is None
+
+
+def test_plain_n_choices_and_a_failed_sample(tmp_path):
+    out = tmp_path / "out.jsonl"
+    with OutputWriter(out) as w:
+        w.write_completion(req(1, "a", n=2, index=1), comp(2))
+        w.write_completion(req(1, "a", n=2, index=0), comp(1, "stop"))
+        w.write_completion(req(2, "b", n=3, index=0), comp(1))
+        assert w.write_error(req(2, "b", n=3, index=1), code="nan_logits", message="nan")
+        assert not w.write_error(req(2, "b", n=3, index=2), code="nan_logits", message="nan")  # one line only
+        assert not w.write_completion(req(2, "b", n=3, index=2), comp(1))  # dropped: the request failed
+    a, b = lines(out)
+    assert a == {"id": "a", "choices": [
+        {"index": 0, "text": "x", "token_ids": [10], "finish_reason": "stop"},
+        {"index": 1, "text": "xx", "token_ids": [10, 11], "finish_reason": "length"}],
+        "usage": {"prompt_tokens": 7, "completion_tokens": 3}}
+    assert b == {"id": "b", "line": 2, "error": {"code": "nan_logits", "message": "nan"}}
+
+
+def test_openai_error_file_resumes_and_default_name(tmp_path):
+    out = tmp_path / "out.jsonl"
+    errs = default_errors_path(out)
+    assert errs == tmp_path / "out.errors.jsonl"
+    with OutputWriter(out, errors_path=errs) as w:
+        w.write_completion(req(1, "a", "openai"), comp())
+        w.write_error(InvalidLine(line=2, id="a", format="openai", code="duplicate_id", message="dup"))
+        w.write_error(req(3, "c", "openai"), code="nan_logits", message="nan")
+    assert [x["custom_id"] for x in lines(out)] == ["a"]
+    dup, nan = lines(errs)
+    assert dup["response"]["status_code"] == 400 and nan["response"]["status_code"] == 500
+    assert nan["response"]["body"]["error"]["type"] == "server_error"
+    with OutputWriter(out, errors_path=errs) as w:
+        assert w.done_ids() == {"a", "c"} and w.done_lines() == {2, 3}  # the duplicate's id is not done by it
+
+
+def test_ordered_writes_in_input_order_and_resumes(tmp_path):
+    out = tmp_path / "out.jsonl"
+    records = [req(1, "a"), InvalidLine(line=2, id=None, format="plain", code="invalid_json", message="bad"),
+               req(3, "c", n=2), req(3, "c", n=2, index=1), req(4, "d"), req(5, "e")]
+    with OutputWriter(out) as w:
+        w.set_order(records)
+        w.write_error(records[1])
+        w.write_completion(records[4], comp())
+        assert out.read_bytes() == b""  # held: line 1 is not written yet
+        w.write_completion(records[0], comp())
+        assert [x["id"] for x in lines(out)] == ["a", None]
+        w.write_completion(records[3], comp())
+        w.write_completion(records[2], comp())
+        assert [x["id"] for x in lines(out)] == ["a", None, "c", "d"]
+        # killed here: "e" was never written
+    with OutputWriter(out) as w:
+        w.set_order(records)
+        assert [w.is_done(r) for r in records] == [True, True, True, True, True, False]
+        w.write_completion(records[5], comp())
+    assert [x["id"] for x in lines(out)] == ["a", None, "c", "d", "e"]

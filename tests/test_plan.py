@@ -78,8 +78,10 @@ def test_header_and_records_keep_the_format(tmp_path: Path, spec, tokenizer) -> 
     assert raw["plan"]["summary"]["requests"] == 240 and raw["layout"]["num_groups"] == plan.layout.num_groups
     r, s = plan.requests[0], plan.requests[0].sampling
     assert planfile.read_records(tmp_path / "p.plan", raw, base)["requests"][0] == [
-        r.line, r.id, r.format, r.endpoint, r.model,
-        s.max_tokens, s.min_tokens, s.temperature, s.top_p, s.top_k, s.seed, list(s.stop)]
+        r.line, r.id, r.format, r.endpoint, r.model, r.num_samples, r.sample_index,
+        s.max_tokens, s.min_tokens, s.temperature, s.top_p, s.top_k, s.seed, list(s.stop),
+        s.min_p, s.presence_penalty, s.frequency_penalty, s.repetition_penalty, list(s.logit_bias), s.logprobs,
+        s.top_logprobs, s.response_format]
 
 
 def test_sample_data_shares_prefixes_in_both_formats(spec, tokenizer) -> None:
@@ -265,7 +267,8 @@ def test_crafted_plans_with_valid_checksums_are_refused(tmp_path: Path, spec, to
         refused(match, header_only=True)
     planfile.write_container(crafted, head, records, {**arrays, "layout.order": np.array([0, 7], np.int32)})
     refused("order")
-    bad = {**records, "requests": [r[:7] + [1e-40] + r[8:] for r in records["requests"]]}
+    t = [*planfile._REQUEST_FIELDS, *planfile._SAMPLING_FIELDS].index("temperature")
+    bad = {**records, "requests": [r[:t] + [1e-40] + r[t + 1:] for r in records["requests"]]}
     planfile.write_container(crafted, head, bad, arrays)
     refused("temperature")
     planfile.write_container(crafted, {**head, "plan": {**head["plan"], "kv_bytes_per_token": -1}}, records, arrays)
@@ -310,3 +313,40 @@ def test_parse_size_refuses_an_infinite_size() -> None:
     with pytest.raises(UserError, match="too large") as e:
         parse_size("1e400")
     assert e.value.exit_code == 2
+
+
+def test_samples_rest_of_context_and_logit_bias_are_planned(tmp_path: Path, spec, tokenizer) -> None:
+    chat = {"custom_id": "c", "url": "/v1/chat/completions",
+            "body": {"messages": [{"role": "user", "content": "hello there, " * 10}], "n": 3, "seed": 9,
+                     "logit_bias": {"5": 1.5}}}
+    bad_bias = {"id": "b", "prompt": "x", "logit_bias": {str(spec.config.vocab_size): 1}}
+    plan = build_plan(write(tmp_path, [chat, bad_bias]), spec, tokenizer, config())
+    assert [(r.id, r.sample_index, r.sampling.seed) for r in plan.requests] == [("c", 0, 9), ("c", 1, 10),
+                                                                             ("c", 2, 11)]
+    prompt_len = len(plan.tokens.tokens) // 3
+    assert all(r.sampling.max_tokens == spec.config.max_position_embeddings - prompt_len for r in plan.requests)
+    assert plan.layout.prefill_tokens == prompt_len - 1 + 3  # the samples share their prompt
+    (bad,) = plan.invalid
+    assert (bad.code, bad.param) == ("invalid_value", "logit_bias")
+    save_plan(plan, tmp_path / "p.plan")
+    assert load_plan(tmp_path / "p.plan").requests == plan.requests  # logit_bias and samples round-trip
+
+
+def test_chat_template_file_and_kwargs(tmp_path: Path, spec, tokenizer) -> None:
+    template = ("{% for m in messages %}[{{ m.role }}] {{ m.content }}{% endfor %}"
+                "{% if think %} <think>{% endif %}")
+    rows = [{"id": "a", "messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"think": True}},
+            {"id": "b", "messages": [{"role": "user", "content": "hi"}]},
+            {"id": "c", "messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"tokenize": True}}]
+    path = write(tmp_path, rows)
+    own = build_plan(path, spec, tokenizer, config())
+    custom = build_plan(path, spec, tokenizer, config(), chat_template=template)
+    a, b = (custom.tokens.tokens[custom.tokens.indptr[i]:custom.tokens.indptr[i + 1]] for i in range(2))
+    assert tokenizer.decode(a) == "[user] hi <think>" and tokenizer.decode(b) == "[user] hi"
+    assert [r.message for r in custom.invalid] == ["field 'messages': chat_template_kwargs cannot set tokenize"]
+    assert own.header.chat_template_fingerprint is None and custom.header.chat_template_fingerprint
+    assert own.header.fingerprint != custom.header.fingerprint
+    other = build_plan(path, spec, tokenizer, config(), chat_template=template + " ")
+    assert other.header.fingerprint != custom.header.fingerprint
+    save_plan(custom, tmp_path / "p.plan")
+    assert load_plan_header(tmp_path / "p.plan") == custom.header

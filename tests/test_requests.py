@@ -86,7 +86,7 @@ BAD_LINES = [
     ('{"custom_id": "c", "url": "/v1/completions", "body": {"messages": []}}', "missing_field", "body.prompt"),
     ('{"custom_id": "c", "url": "/v1/chat/completions", "body": {"stream": true, "messages": '
      '[{"role": "user", "content": "a"}]}}', "unsupported_value", "body.stream"),
-    ('{"custom_id": "c", "url": "/v1/completions", "body": {"prompt": "a", "n": 2}}', "unsupported_value",
+    ('{"custom_id": "c", "url": "/v1/completions", "body": {"prompt": "a", "n": 0}}', "invalid_value",
      "body.n"),
     # values that used to overflow in float32, parse as another type, or abort the whole plan
     ('{"id": "x", "prompt": "a", "temperature": 1e-40}', "invalid_value", "temperature"),
@@ -99,6 +99,32 @@ BAD_LINES = [
     ('{"custom_id": "c", "url": "/v1/completions", "body": {"prompt": "a", "n": true}}', "invalid_type", "body.n"),
     ('{"custom_id": "c", "url": ["/v1/completions"], "body": {"prompt": "a"}}', "unsupported_url", "url"),
     ('{"custom_id": "c", "url": {"a": 1}, "body": {"prompt": "a"}}', "unsupported_url", "url"),
+    ('{"custom_id": "c", "url": "/v1/completions", "body": {"prompt": "a", "n": 2, "best_of": 3}}',
+     "unsupported_field", "body.best_of"),
+    ('{"custom_id": "c", "url": "/v1/completions", "body": {"prompt": "a", "echo": true}}', "unsupported_field",
+     "body.echo"),
+    ('{"custom_id": "c", "url": "/v1/completions", "body": {"prompt": "a", "suffix": "z"}}', "unsupported_field",
+     "body.suffix"),
+    ('{"custom_id": "c", "url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": "a"}], '
+     '"tools": [{"type": "function", "function": {"name": "f"}}]}}', "unsupported_field", "body.tools"),
+    ('{"custom_id": "c", "url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": "a"}], '
+     '"response_format": {"type": "grammar"}}}', "invalid_value", "body.response_format"),
+    ('{"custom_id": "c", "url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": "a"}], '
+     '"modalities": ["text", "audio"]}}', "unsupported_field", "body.modalities"),
+    ('{"id": "x", "prompt": "a", "tool_choice": "auto"}', "unsupported_field", "tool_choice"),
+    ('{"id": "x", "prompt": "a", "presence_penalty": 2.5}', "invalid_value", "presence_penalty"),
+    ('{"id": "x", "prompt": "a", "frequency_penalty": "1"}', "invalid_type", "frequency_penalty"),
+    ('{"id": "x", "prompt": "a", "repetition_penalty": 0}', "invalid_value", "repetition_penalty"),
+    ('{"id": "x", "prompt": "a", "min_p": 1.5}', "invalid_value", "min_p"),
+    ('{"id": "x", "prompt": "a", "logit_bias": {"abc": 1}}', "invalid_value", "logit_bias"),
+    ('{"id": "x", "prompt": "a", "logit_bias": {"5": 101}}', "invalid_value", "logit_bias.5"),
+    ('{"id": "x", "prompt": "a", "top_logprobs": 2}', "invalid_value", "top_logprobs"),
+    ('{"id": "x", "prompt": "a", "logprobs": true, "top_logprobs": 21}', "invalid_value", "top_logprobs"),
+    ('{"id": "x", "prompt": "a", "logprobs": 3}', "invalid_type", "logprobs"),
+    ('{"custom_id": "c", "url": "/v1/completions", "body": {"prompt": "a", "logprobs": 6}}', "invalid_value",
+     "body.logprobs"),
+    ('{"id": "x", "messages": [{"role": "user", "content": "a"}], "chat_template_kwargs": [1]}', "invalid_type",
+     "chat_template_kwargs"),
 ]
 
 
@@ -111,6 +137,40 @@ def test_bad_line_names_line_code_and_field(tmp_path: Path, line: str, code: str
     assert (bad.line, bad.code) == (2, code)
     if field is not None:
         assert f"field {field!r}" in bad.message, bad.message
+        assert bad.param == field
+
+
+def test_openai_fields_max_completion_tokens_wins_and_chat_default(tmp_path: Path) -> None:
+    chat = {"custom_id": "c", "url": "/v1/chat/completions",
+            "body": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "max_completion_tokens": 5,
+                     "logprobs": True, "top_logprobs": 2, "n": 3, "seed": 4, "presence_penalty": 0.5,
+                     "frequency_penalty": -0.5, "logit_bias": {"7": -100, "3": 2.5}, "min_p": 0.1,
+                     "repetition_penalty": 1.2, "chat_template_kwargs": {"enable_thinking": False},
+                     "user": "u", "metadata": {"a": "b"}, "tools": [], "tool_choice": "none", "echo": None,
+                     "response_format": {"type": "text"}, "best_of": 3}}
+    bare_chat = {"custom_id": "d", "url": "/v1/chat/completions", "body": {"messages": [{"role": "user",
+                                                                                        "content": "x"}]}}
+    bare_completion = {"custom_id": "e", "url": "/v1/completions", "body": {"prompt": "x", "logprobs": 0}}
+    a, b, c = read(tmp_path, [json.dumps(chat), json.dumps(bare_chat), json.dumps(bare_completion)])
+    s = a.request.sampling
+    assert (s.max_tokens, s.logprobs, s.top_logprobs, s.seed) == (5, True, 2, 4)
+    assert (s.presence_penalty, s.frequency_penalty, s.min_p, s.repetition_penalty) == (0.5, -0.5, 0.1, 1.2)
+    assert s.logit_bias == ((3, 2.5), (7, -100.0)) and s.has_penalties
+    assert a.request.num_samples == 3 and a.chat_template_kwargs == {"enable_thinking": False}
+    assert b.request.sampling.max_tokens is None  # the rest of the context, resolved when planning
+    assert (c.request.sampling.max_tokens, c.request.sampling.logprobs, c.request.sampling.top_logprobs) == (
+        16, True, 0)
+
+
+def test_nulls_mean_the_default(tmp_path: Path) -> None:
+    """The openai SDK writes unset optional fields as null."""
+    names = ("temperature", "top_p", "top_k", "min_tokens", "max_tokens", "max_completion_tokens", "seed", "stop",
+             "n", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "logit_bias",
+             "response_format", "tools", "user")
+    rec = one(tmp_path, {"custom_id": "c", "url": "/v1/completions", "body": {"prompt": "x", **dict.fromkeys(names)}})
+    assert isinstance(rec, ParsedLine), rec
+    assert rec.request.sampling == one(tmp_path, {"custom_id": "c", "url": "/v1/completions",
+                                                  "body": {"prompt": "x"}}).request.sampling
 
 
 def test_bad_line_keeps_its_id_and_format(tmp_path: Path) -> None:

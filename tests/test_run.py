@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+from openai.types import Completion
+from openai.types.chat import ChatCompletion
 
 SAMPLE = Path(__file__).parent.parent / "sample_data"
 
@@ -102,9 +104,11 @@ def test_bad_lines_become_error_lines_and_exit_1(tmp_path: Path) -> None:
     error_rows = lines(errors)
     nonblank = [i + 1 for i, line in enumerate((SAMPLE / "bad_lines.jsonl").read_text().splitlines()) if line.strip()]
     assert sorted(r["line"] for r in error_rows) == nonblank[1:]
-    assert all(r["error"]["code"] and r["error"]["message"] for r in error_rows)
     openai_rows = [r for r in error_rows if "custom_id" in r]
-    assert openai_rows and all(r["response"] is None for r in openai_rows)
+    assert all(r["error"]["code"] and r["error"]["message"] for r in error_rows if r not in openai_rows)
+    assert openai_rows and all(r["error"] is None and r["response"]["status_code"] == 400 for r in openai_rows)
+    assert all(r["response"]["body"]["error"]["code"] and r["response"]["body"]["error"]["message"]
+               for r in openai_rows)
 
 
 def test_openai_batch_output(tmp_path: Path) -> None:
@@ -121,6 +125,31 @@ def test_openai_batch_output(tmp_path: Path) -> None:
         choice = body["choices"][0]
         assert ("message" in choice) == (body["object"] == "chat.completion")
         assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+        assert body["model"] == "builtin-tiny" and body["system_fingerprint"].startswith("fp_")
+        (ChatCompletion if body["object"] == "chat.completion" else Completion).model_validate(body, strict=True)
+    assert lines(tmp_path / "out.errors.jsonl") == []  # the error file is made, and empty
+
+
+def test_openai_errors_go_to_a_separate_file_by_default(tmp_path: Path) -> None:
+    good = {"custom_id": "a", "url": "/v1/chat/completions",
+            "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}}
+    lines_in = [good, {**good, "custom_id": "b", "body": {**good["body"], "tools": [{"type": "function"}]}},
+                {**good, "body": {**good["body"], "max_tokens": 3}}]  # a duplicate custom_id
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines_in) + "not json\n")
+    out = tmp_path / "out.jsonl"
+    result = batchrun("run", "--plan", str(plan(tmp_path, tmp_path / "in.jsonl")), "-o", str(out), "--json")
+    assert result.returncode == 1, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1])["errors"] == str(tmp_path / "out.errors.jsonl")
+    (ok,) = lines(out)
+    assert ok["custom_id"] == "a" and ok["response"]["body"]["model"] == "builtin-tiny"  # the first "a" keeps it
+    errors = {r["line"]: r for r in lines(tmp_path / "out.errors.jsonl")}
+    assert sorted(errors) == [2, 3, 4]
+    assert errors[2]["response"]["body"]["error"]["param"] == "body.tools"
+    assert errors[3]["response"]["body"]["error"]["code"] == "duplicate_id" and errors[3]["custom_id"] == "a"
+    stats = batchrun("stats", str(out), "--json")  # finds the error file from the run's records
+    assert stats.returncode == 0, stats.stderr
+    report = json.loads(stats.stdout.splitlines()[-1])
+    assert (report["requests"], report["failed"]) == (1, 3)
 
 
 def test_changed_input_is_refused(tmp_path: Path) -> None:
@@ -136,3 +165,23 @@ def test_changed_input_is_refused(tmp_path: Path) -> None:
 def test_missing_plan_is_a_one_line_error(tmp_path: Path) -> None:
     result = batchrun("run", "--plan", str(tmp_path / "absent.plan"), "-o", str(tmp_path / "out.jsonl"))
     assert result.returncode == 3 and result.stderr.startswith("error:") and len(result.stderr.splitlines()) == 1
+
+
+def test_ordered_output_follows_the_input_with_samples_and_logprobs(tmp_path: Path) -> None:
+    rows = [{"id": f"q{i}", "prompt": f"Question {i}: " + "word " * (i % 4), "max_tokens": 1 + (7 * i) % 9,
+             "temperature": 0} for i in range(10)]
+    rows[3] = {**rows[3], "n": 3, "temperature": 1.0, "seed": 5, "logprobs": True, "top_logprobs": 2}
+    text = "".join(json.dumps(r) + "\n" for r in rows[:6]) + "not json\n" + "".join(
+        json.dumps(r) + "\n" for r in rows[6:])
+    (tmp_path / "in.jsonl").write_text(text)
+    out = tmp_path / "out.jsonl"
+    result = batchrun("run", "--plan", str(plan(tmp_path, tmp_path / "in.jsonl")), "-o", str(out), "--ordered",
+                      "--threads", "1")
+    assert result.returncode == 1, result.stderr  # the bad line
+    got = lines(out)
+    assert [r["id"] for r in got] == [f"q{i}" for i in range(6)] + [None] + [f"q{i}" for i in range(6, 10)]
+    choices = got[3]["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2] and got[3]["usage"]["completion_tokens"] == sum(
+        len(c["token_ids"]) for c in choices)
+    assert all(len(c["logprobs"]) == len(c["token_ids"]) and len(c["logprobs"][0]["top_logprobs"]) == 2
+               for c in choices)

@@ -111,14 +111,16 @@ def stdin_copy_path(output: Path) -> Path:
 
 
 def make_plan(input: str | Path, output: str | Path | None = None, *, model: str = defaults.BUILTIN_MODEL,
-              dtype: str | None = None, config: PlannerConfig | None = None, download: bool = False) -> MadePlan:
+              dtype: str | None = None, config: PlannerConfig | None = None, download: bool = False,
+              chat_template: str | Path | None = None) -> MadePlan:
     """`batchrun plan`: plans `input` ('-': standard input, kept beside the plan) into `output` (default:
     INPUT with the suffix .plan). `model`: a built-in name, a directory, or a Hub id from the Hugging Face
-    cache (`download`: fetched when absent)."""
+    cache (`download`: fetched when absent); `chat_template`: a Jinja template file instead of the model's."""
     from batchrun.model.spec import resolve_model
-    from batchrun.planning import plan_to_file
+    from batchrun.planning import plan_to_file, read_chat_template
     from batchrun.tokenizer import load_tokenizer
 
+    template = read_chat_template(_path(chat_template))
     input_path, target = Path(input), None if output is None else Path(output)
     if str(input) == STDIN:
         if target is None:
@@ -128,7 +130,7 @@ def make_plan(input: str | Path, output: str | Path | None = None, *, model: str
     target = target or input_path.with_suffix(".plan")
     spec = resolve_model(model, dtype=dtype, download=download)
     plan = plan_to_file(input_path, target, spec=spec, tokenizer=load_tokenizer(spec),
-                        config=config or planner_config())
+                        config=config or planner_config(), chat_template=template)
     return MadePlan(plan, target)
 
 
@@ -136,10 +138,11 @@ def run_job(source: str | Path | None, output: str | Path, *, plan: str | Path |
             input: str | Path | None = None, errors: str | Path | None = None, model: str | None = None,
             dtype: str | None = None, config: PlannerConfig | None = None, device: str = defaults.DEVICE,
             threads: int | None = None, workers: int | None = None, ray_address: str | None = None,
-            download: bool = False, console: Console | None = None) -> RunOutcome:
+            download: bool = False, console: Console | None = None, is_ordered: bool = False) -> RunOutcome:
     """`batchrun run`: runs a plan (`source` or `plan`; `input` then overrides the input it records), or plans
     an input (`source` or `input`) into OUT.plan beside the output and runs that; the same call resumes.
-    `download`: a Hub model absent from the Hugging Face cache is fetched into it first."""
+    `download`: a Hub model absent from the Hugging Face cache is fetched into it first; `is_ordered`: lines
+    in input order."""
     console = console or Console(stderr=True, soft_wrap=True)
     output = Path(output)
     if output.is_dir():
@@ -164,7 +167,8 @@ def run_job(source: str | Path | None, output: str | Path, *, plan: str | Path |
         plan_path = _job_plan(input_path, output, model=model or defaults.BUILTIN_MODEL, dtype=dtype,
                               config=config or planner_config(), download=download, console=console)
         model = None  # the plan names it
-    kwargs = dict(errors_path=_path(errors), model=model, device=device, console=console, input_path=input_path)
+    kwargs = dict(errors_path=_path(errors), model=model, device=device, console=console, input_path=input_path,
+                  is_ordered=is_ordered)
     if workers is not None or ray_address is not None:
         from batchrun.distributed.driver import run_distributed
 

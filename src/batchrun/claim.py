@@ -24,14 +24,17 @@ class ClaimedOutput(NamedTuple):
 
 @contextmanager
 def claim_output(output: Path, *, errors_path: Path | None, plan_path: Path, input_path: Path,
-                 plan_fingerprint: str) -> Iterator[ClaimedOutput]:
+                 plan_fingerprint: str, default_errors_path: Path | None = None) -> Iterator[ClaimedOutput]:
     """Holds the output (and errors) files for the run inside the `with`; UserError when they cannot be
-    this plan's output. Without `errors_path`, earlier runs' errors file (recorded in the metrics) is used."""
+    this plan's output. Without `errors_path`, earlier runs' errors file (recorded in the metrics) is used, and
+    `default_errors_path` for a new output (None: error lines go into the output)."""
     refuse_foreign_paths(output, errors_path, plan_path=plan_path, input_path=input_path)
     with ExitStack() as stack:
         stack.enter_context(exclusive_lock(output))
         recorded = check_same_plan(output, plan_fingerprint)
         errors_path = _errors_path(output, given=errors_path, recorded=recorded)
+        if errors_path is None and not _has_bytes(output):  # a new job: where its error lines go is ours to say
+            errors_path = default_errors_path
         if errors_path is not None:
             refuse_foreign_paths(output, errors_path, plan_path=plan_path, input_path=input_path)
             stack.enter_context(exclusive_lock(errors_path))

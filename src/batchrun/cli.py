@@ -140,6 +140,8 @@ def plan(
     share: ShareOption = None,
     dtype: DtypeOption = None,
     download: DownloadOption = False,
+    chat_template: Annotated[Path | None, typer.Option("--chat-template", help="A Jinja chat template file "
+                                                       "to use instead of the model's.", show_default=False)] = None,
     show: Annotated[Path | None, typer.Option("--show", help="Print an existing plan's summary and groups "
                                               "instead of planning.", show_default=False)] = None,
     groups: Annotated[int, typer.Option(help="With --show: how many groups to list.")] = 20,
@@ -159,7 +161,8 @@ def plan(
     if input is None:
         raise UserError("give the INPUT file to plan (or --show PLAN to look at a plan)", exit_code=EXIT_USAGE)
     made = make_plan(input, output, model=model, dtype=dtype, download=download,
-                     config=_planner_config(kv_budget, min_prefix_len, max_levels, share, always=True))
+                     config=_planner_config(kv_budget, min_prefix_len, max_levels, share, always=True),
+                     chat_template=chat_template)
     if json:
         _print_json({**plan_summary_json(made.plan.header), "plan": str(made.path)})
     else:
@@ -213,8 +216,12 @@ def run(
     input: Annotated[Path | None, typer.Option("--input", "-i", help="An input JSONL to plan and run ('-': "
                                                "standard input); with a plan: the plan's input, found elsewhere "
                                                "than the plan records.", show_default=False)] = None,
-    errors: Annotated[Path | None, typer.Option("--errors", help="Write error lines here instead of into the "
-                                                "output (as the OpenAI Batch API does).", show_default=False)] = None,
+    errors: Annotated[Path | None, typer.Option("--errors", help="Write error lines here [default: OpenAI-format "
+                                                "input: OUT.errors.jsonl beside the output, as the OpenAI Batch "
+                                                "API keeps an error file; plain input: into the output].",
+                                                show_default=False)] = None,
+    ordered: Annotated[bool, typer.Option("--ordered", help="Write lines in input order (lines that finish "
+                                          "early are held until the earlier ones are written).")] = False,
     model: Annotated[str | None, typer.Option("--model", "-m", help="With a plan: another copy of the plan's "
                                               "model [default: the model the plan names]. With an input: as "
                                               f"`plan --model` [default: {defaults.BUILTIN_MODEL}].",
@@ -244,17 +251,19 @@ def run(
     outcome = run_job(source, output, plan=plan_path, input=input, errors=errors, model=model, dtype=dtype,
                       config=_planner_config(kv_budget, min_prefix_len, max_levels, share, always=False),
                       device=device, threads=threads, workers=workers, ray_address=ray_address, download=download,
-                      console=err)
+                      console=err, is_ordered=ordered)
     summary = {"requests": outcome.num_requests, "resumed": outcome.num_resumed,
                "completed": outcome.num_completed, "failed": outcome.num_failed,
                "output_tokens": outcome.output_tokens, "wall_seconds": round(outcome.wall_seconds, 3),
-               "output": str(output)}
+               "output": str(output), "errors": None if outcome.errors_path is None else str(outcome.errors_path)}
     if json:
         _print_json(summary)
     else:
         out.print(f"{outcome.num_completed} completed, {outcome.num_failed} failed, {outcome.num_resumed} "
                   f"already done; {outcome.output_tokens} output tokens in {outcome.wall_seconds:.1f}s → "
                   f"{output}", highlight=False, soft_wrap=True)
+        if outcome.errors_path is not None:
+            out.print(f"error lines → {outcome.errors_path}", highlight=False, soft_wrap=True)
     if not outcome.is_clean:
         raise typer.Exit(EXIT_FAILED)
 

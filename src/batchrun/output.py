@@ -1,26 +1,28 @@
 """The results file: one JSONL line per finished request (plain or OpenAI batch format), error lines, resume.
 
-Owns the output formats, the optional separate errors file, and resume (what is done; jsonl.py repairs a torn
-last line after a kill).
+Owns the plain output format (openai_format.py has OpenAI's), the separate errors file, gathering the n samples
+of a request into one line, input order (`set_order`), and resume (what is done; jsonl.py repairs a torn last
+line after a kill).
 """
 
 from __future__ import annotations
 
 import os
 import time
-import uuid
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 
+from batchrun import openai_format
+from batchrun.completion import Completion, FinishReason, TokenChoice, TokenLogprob
 from batchrun.errors import UserError
 from batchrun.jsonl import iter_jsonl, open_append, repair_torn_tail, write_all
 from batchrun.requests import InvalidLine, Request
 
-FinishReason = Literal["stop", "length"]
+__all__ = ["Completion", "FinishReason", "OutputWriter", "TokenChoice", "TokenLogprob", "default_errors_path"]
 
 # Every line is flushed to the OS as it is written, so a killed process (kill -9, OOM) loses at most the line
 # being written, and resume repairs that. fsync only protects against a power loss or an OS crash; doing it
@@ -31,36 +33,25 @@ FSYNC_INTERVAL_S = 5.0
 _FOREIGN_ID_CODES = frozenset({"duplicate_id"})
 
 
-@dataclass(frozen=True)
-class Completion:
-    token_ids: list[int]
-    text: str
-    finish_reason: FinishReason
-    prompt_tokens: int
-
-    def __post_init__(self) -> None:
-        assert self.finish_reason in ("stop", "length"), self.finish_reason
-        assert self.prompt_tokens > 0, self.prompt_tokens
-
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.token_ids)
-
-
 class OutputWriter:
     """Appends result lines to `path` (error lines to `errors_path` when given), resuming what is there.
 
     Opening reads the existing files (streaming), cuts a torn last line away, and records what is done;
-    `is_done(record)` tells the caller what to skip. Completed lines are never rewritten.
+    `is_done(record)` tells the caller what to skip. Completed lines are never rewritten. `model_name` and
+    `system_fingerprint` are the model that runs, named in OpenAI bodies.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, errors_path: str | os.PathLike[str] | None = None,
-                 model_name: str | None = None) -> None:
+                 model_name: str | None = None, system_fingerprint: str | None = None) -> None:
         self.path = Path(path)
         self.errors_path = Path(errors_path) if errors_path is not None else None
         if self.errors_path is not None and _same_file(self.errors_path, self.path):
             self.errors_path = None
-        self.model_name = model_name  # for OpenAI bodies whose request named no model
+        self.model_name = model_name
+        self.system_fingerprint = system_fingerprint
+        self._samples: dict[int, dict[int, Completion]] = {}  # input line → the samples finished so far
+        self._order: list[int] | None = None  # with set_order: the input lines still to write, in reverse
+        self._held: dict[int, tuple[Path, bytes]] = {}  # with set_order: lines written ahead of their turn
         self._success_ids: set[str] = set()
         self._error_ids: set[str] = set()
         self._error_lines: set[int] = set()
@@ -85,7 +76,7 @@ class OutputWriter:
         self.num_torn_bytes += repair_torn_tail(path)
 
     def _note(self, obj: dict[str, Any], *, where: str) -> None:
-        error = obj.get("error")
+        error = openai_format.error_of(obj) if "custom_id" in obj else obj.get("error")
         rid = obj["custom_id"] if "custom_id" in obj else obj.get("id")
         if rid is not None and not isinstance(rid, str):
             raise UserError(f"{where}: not a batchrun output line (the id is not a string)")
@@ -122,78 +113,79 @@ class OutputWriter:
 
     # --- writing ----------------------------------------------------------------------------------------
 
-    def write_completion(self, request: Request, completion: Completion) -> None:
+    def set_order(self, records: Iterable[Request | InvalidLine]) -> None:
+        """Writes lines in the input order of `records` (every record of the plan) from now on: a line that
+        finishes before an earlier one is held until that one is written. Call it before writing."""
+        assert self.num_written == 0 and not self._held, "set_order comes before any line is written"
+        self._order = sorted({r.line for r in records if not self.is_done(r)}, reverse=True)
+
+    def write_completion(self, request: Request, completion: Completion) -> bool:
+        """One finished sample; returns whether this completed the request's line (its last sample). A sample
+        of a request that already failed is dropped (its error line stands for the whole request)."""
+        if request.num_samples > 1:
+            if request.line in self._error_lines:
+                return False
+            samples = self._samples.setdefault(request.line, {})
+            assert request.sample_index not in samples, f"sample {request.sample_index} of {request.id!r} twice"
+            samples[request.sample_index] = completion
+            if len(samples) < request.num_samples:
+                return False
+            choices = [samples[i] for i in range(request.num_samples)]
+            del self._samples[request.line]
+        else:
+            choices = [completion]
         assert not self.is_done(request), f"request {request.id!r} (line {request.line}) written twice"
         if request.format == "openai":
-            obj = self._openai_success(request, completion)
+            obj = openai_format.success_line(request, choices, model=self.model_name,
+                                             system_fingerprint=self.system_fingerprint)
         else:
-            obj = {
-                "id": request.id,
-                "text": completion.text,
-                "token_ids": completion.token_ids,
-                "finish_reason": completion.finish_reason,
-                "usage": {
-                    "prompt_tokens": completion.prompt_tokens,
-                    "completion_tokens": completion.completion_tokens,
-                },
-            }
-        self._write(self.path, obj)
+            obj = _plain_success(request, choices)
+        self._write(self.path, obj, line=request.line)
         self._success_ids.add(request.id)
+        return True
 
     def write_error(self, record: Request | InvalidLine, *, code: str | None = None,
-                    message: str | None = None) -> None:
+                    message: str | None = None) -> bool:
         """An error line: for an InvalidLine (its own code and message), or for a Request that failed at
-        run time (`code` and `message` required)."""
+        run time (`code` and `message` required). Returns whether a line was written: a second failing sample
+        of one request adds none."""
         if isinstance(record, InvalidLine):
             assert code is None and message is None, "an InvalidLine carries its own code and message"
-            code, message = record.code, record.message
+            code, message, param = record.code, record.message, record.param
+        else:
+            param = None
+            if record.num_samples > 1:
+                if record.line in self._error_lines:
+                    return False
+                self._samples.pop(record.line, None)
         assert code and message is not None, "a run-time error needs a code and a message"
         assert record.line not in self._error_lines, f"line {record.line} has an error line already"
-        error = {"code": code, "message": message}
         if record.format == "openai":
-            obj = {"id": _batch_req_id(), "custom_id": record.id, "line": record.line, "response": None,
-                   "error": error}
+            obj = openai_format.error_line(custom_id=record.id, line=record.line, code=code, message=message,
+                                           param=param)
         else:
-            obj = {"id": record.id, "line": record.line, "error": error}
-        self._write(self.errors_path or self.path, obj)
+            obj = {"id": record.id, "line": record.line, "error": {"code": code, "message": message}}
+        self._write(self.errors_path or self.path, obj, line=record.line)
         self._error_lines.add(record.line)
         if record.id is not None and code not in _FOREIGN_ID_CODES:
             self._error_ids.add(record.id)
+        return True
 
-    def _openai_success(self, request: Request, completion: Completion) -> dict[str, Any]:
-        created = int(time.time())
-        usage = {
-            "prompt_tokens": completion.prompt_tokens,
-            "completion_tokens": completion.completion_tokens,
-            "total_tokens": completion.prompt_tokens + completion.completion_tokens,
-        }
-        model = request.model or self.model_name
-        suffix = uuid.uuid4().hex
-        if request.endpoint == "chat":
-            body = {
-                "id": f"chatcmpl-{suffix}", "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
-                             "finish_reason": completion.finish_reason}],
-                "usage": usage,
-            }
-        else:
-            body = {
-                "id": f"cmpl-{suffix}", "object": "text_completion", "created": created, "model": model,
-                "choices": [{"text": completion.text, "index": 0, "logprobs": None,
-                             "finish_reason": completion.finish_reason}],
-                "usage": usage,
-            }
-        return {
-            "id": _batch_req_id(),
-            "custom_id": request.id,
-            "response": {"status_code": 200, "request_id": f"req_{suffix}", "body": body},
-            "error": None,
-        }
+    def _write(self, path: Path, obj: dict[str, Any], *, line: int) -> None:
+        data = orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE)
+        if self._order is None:
+            self._append(path, data)
+            return
+        # Input order: held lines wait for the earlier ones; a run that stops holds them unwritten (resume
+        # computes them again), so the files always hold a prefix of the input order.
+        self._held[line] = (path, data)
+        while self._order and self._order[-1] in self._held:
+            self._append(*self._held.pop(self._order.pop()))
 
-    def _write(self, path: Path, obj: dict[str, Any]) -> None:
+    def _append(self, path: Path, data: bytes) -> None:
         fd = self._fds.get(path)
         assert fd is not None, "the writer is closed"
-        write_all(fd, orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE), path=path)  # the line in one call
+        write_all(fd, data, path=path)  # the whole line in one write call
         self.num_written += 1
         now = time.monotonic()
         if now - self._last_fsync >= FSYNC_INTERVAL_S:
@@ -223,9 +215,27 @@ class OutputWriter:
         self.close()
 
 
+def default_errors_path(output: Path) -> Path:
+    """Where an OpenAI-format run writes its error file unless told: beside the output, OUT.errors.jsonl."""
+    return output.with_name(f"{output.stem}.errors{output.suffix or '.jsonl'}")
+
+
+def _plain_success(request: Request, choices: list[Completion]) -> dict[str, Any]:
+    """Plain format: the completion's fields at the top level; with n > 1, a `choices` list of them."""
+    fields = [_plain_fields(c) for c in choices]
+    usage = {"prompt_tokens": choices[0].prompt_tokens,
+             "completion_tokens": sum(c.completion_tokens for c in choices)}
+    if len(choices) == 1:
+        return {"id": request.id, **fields[0], "usage": usage}
+    return {"id": request.id, "choices": [{"index": i, **f} for i, f in enumerate(fields)], "usage": usage}
+
+
+def _plain_fields(c: Completion) -> dict[str, Any]:
+    fields: dict[str, Any] = {"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
+    if c.logprobs is not None:
+        fields["logprobs"] = openai_format.chat_logprobs(c.logprobs)["content"]
+    return fields
+
+
 def _same_file(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve()
-
-
-def _batch_req_id() -> str:
-    return f"batch_req_{uuid.uuid4().hex}"

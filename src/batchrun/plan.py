@@ -71,6 +71,7 @@ class PlanHeader:
     summary: PlanSummary
     created: str
     batchrun_version: str
+    chat_template_fingerprint: str | None = None  # sha256 of `plan --chat-template FILE`; None: the model's own
 
     def __post_init__(self) -> None:
         """ValueError for a field of the wrong type or range: a header read from a plan file is checked here."""
@@ -91,14 +92,21 @@ class PlanHeader:
 
     @property
     def fingerprint(self) -> str:
-        """Identifies what the plan computes: its input, its model and its planning parameters."""
-        key = orjson.dumps([self.input_fingerprint, self.model_fingerprint, dataclasses.asdict(self.params)],
-                           option=orjson.OPT_SORT_KEYS)
+        """Identifies what the plan computes: its input, its model, its planning parameters and its chat
+        template (per-request chat_template_kwargs are in the input)."""
+        parts = [self.input_fingerprint, self.model_fingerprint, dataclasses.asdict(self.params)]
+        if self.chat_template_fingerprint is not None:  # plans without one keep their fingerprint
+            parts.append(self.chat_template_fingerprint)
+        key = orjson.dumps(parts, option=orjson.OPT_SORT_KEYS)
         return hashlib.sha256(key).hexdigest()[:16]
 
     def to_json(self) -> dict[str, Any]:
-        """The header as the plan file stores it (keys in field order)."""
-        return {**dataclasses.asdict(self), "summary": self.summary.to_json()}
+        """The header as the plan file stores it (keys in field order; a plan without its own chat template
+        keeps format 1's keys)."""
+        obj = {**dataclasses.asdict(self), "summary": self.summary.to_json()}
+        if self.chat_template_fingerprint is None:
+            del obj["chat_template_fingerprint"]
+        return obj
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> PlanHeader:

@@ -13,15 +13,8 @@ from typing import Any, get_args
 import numpy as np
 
 from batchrun.plan import Plan
-from batchrun.requests import (
-    MAX_TEMPERATURE,
-    OPENAI_URLS,
-    Format,
-    InvalidLine,
-    Request,
-    SamplingParams,
-    sampling_problem,
-)
+from batchrun.requests import OPENAI_URLS, Format, InvalidLine, Request
+from batchrun.sampling import MAX_LOGIT_BIAS, MAX_TEMPERATURE, MAX_TOP_LOGPROBS, SamplingParams, sampling_problem
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
@@ -46,21 +39,36 @@ def _is_stop(v: Any) -> bool:
     return isinstance(v, list) and all(isinstance(s, str) and s for s in v)
 
 
+def _number_in(low: float, high: float) -> Callable[[Any], bool]:
+    return lambda v: _is_number(v) and low <= v <= high
+
+
+def _is_logit_bias(v: Any) -> bool:
+    """[[token id, bias], ...] (JSON has no tuples); the ids are checked against the vocabulary by run."""
+    return isinstance(v, list) and all(
+        isinstance(p, list) and len(p) == 2 and _int(0)(p[0]) and _number_in(-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)(p[1])
+        for p in v)
+
+
 _FORMATS = get_args(Format)
 _ENDPOINTS = tuple(OPENAI_URLS.values())
 # A request record's fields in planfile's order: Request's fields, then SamplingParams' (see planfile).
 REQUEST_CHECKS: dict[str, Callable[[Any], bool]] = {
     "line": _int(1), "id": _is_str, "format": lambda v: v in _FORMATS, "endpoint": lambda v: v in _ENDPOINTS,
-    "model": _optional(_is_str), "max_tokens": _int(1, np.iinfo(np.int32).max), "min_tokens": _int(0),
+    "model": _optional(_is_str), "num_samples": _int(1, np.iinfo(np.int32).max), "sample_index": _int(0),
+    "max_tokens": _int(1, np.iinfo(np.int32).max), "min_tokens": _int(0),
     "temperature": lambda v: _is_number(v) and 0 <= v <= MAX_TEMPERATURE,
     "top_p": lambda v: _is_number(v) and 0 < v <= 1, "top_k": _int(0), "seed": _optional(_int(INT64_MIN)),
-    "stop": _is_stop,
+    "stop": _is_stop, "min_p": _number_in(0.0, 1.0), "presence_penalty": _number_in(-2.0, 2.0),
+    "frequency_penalty": _number_in(-2.0, 2.0), "repetition_penalty": lambda v: _is_number(v) and 0 < v <= 2,
+    "logit_bias": _is_logit_bias, "logprobs": lambda v: isinstance(v, bool),
+    "top_logprobs": _int(0, MAX_TOP_LOGPROBS), "response_format": _optional(_is_str),
 }
 assert tuple(REQUEST_CHECKS) == (*(f.name for f in dataclasses.fields(Request) if f.name != "sampling"),
                                  *(f.name for f in dataclasses.fields(SamplingParams))), "planfile's record order"
 INVALID_CHECKS: dict[str, Callable[[Any], bool]] = {
     "line": _int(1), "id": _optional(_is_str), "format": lambda v: v in _FORMATS, "code": _is_str,
-    "message": _is_str,
+    "message": _is_str, "param": _optional(_is_str),
 }
 assert tuple(INVALID_CHECKS) == tuple(f.name for f in dataclasses.fields(InvalidLine))
 
@@ -88,6 +96,10 @@ def request_from_record(record: Any) -> Request:
             raise ValueError(f"request {values['id']!r}: {name} {problem}")
     if sampling["min_tokens"] > sampling["max_tokens"]:
         raise ValueError(f"request {values['id']!r}: min_tokens above max_tokens")
+    if sampling["top_logprobs"] and not sampling["logprobs"]:
+        raise ValueError(f"request {values['id']!r}: top_logprobs without logprobs")
+    if values["sample_index"] >= values["num_samples"]:
+        raise ValueError(f"request {values['id']!r}: sample_index not below num_samples")
     return Request(**values, sampling=SamplingParams(**sampling))
 
 

@@ -5,6 +5,7 @@ records) → token ids → validation against the model and the KV budget → pl
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import time
 from collections.abc import Iterator
@@ -27,8 +28,11 @@ from batchrun.tokens import TokenTable
 ENCODE_CHUNK = 4096  # lines tokenized per batch: big enough for the Rust tokenizer, small enough for memory
 
 
-def build_plan(input_path: Path, spec: ModelSpec, tokenizer: Any, config: PlannerConfig) -> Plan:
-    """Reads, validates and tokenizes the input, then plans it. Bad lines become InvalidLine records."""
+def build_plan(input_path: Path, spec: ModelSpec, tokenizer: Any, config: PlannerConfig, *,
+               chat_template: str | None = None) -> Plan:
+    """Reads, validates and tokenizes the input, then plans it. Bad lines become InvalidLine records.
+    A request with n samples becomes n rows with the same prompt (the planner shares it); `chat_template`
+    replaces the model's."""
     reader = InputReader(input_path)
     requests: list[Request] = []
     invalid: list[InvalidLine] = []
@@ -38,19 +42,22 @@ def build_plan(input_path: Path, spec: ModelSpec, tokenizer: Any, config: Planne
     for batch in _chunks(reader, ENCODE_CHUNK):
         parsed = [p for p in batch if isinstance(p, ParsedLine)]
         num_json += sum(1 for p in batch if not (isinstance(p, InvalidLine) and p.code == "invalid_json"))
-        encoded = iter(encode_lines(tokenizer, parsed))
+        encoded = iter(encode_lines(tokenizer, parsed, chat_template=chat_template))
         for item in batch:
             if isinstance(item, InvalidLine):
                 invalid.append(item)
                 continue
             ids = next(encoded)
-            problem = _token_problem(item, ids, spec, config)
+            request = _with_max_tokens(item.request, ids, spec)
+            problem = _token_problem(request, ids, spec, config)
             if problem is not None:
                 invalid.append(problem)
                 continue
-            requests.append(item.request)
-            chunks.append(np.asarray(ids, dtype=np.int32))
-            lengths.append(len(ids))
+            row = np.asarray(ids, dtype=np.int32)
+            for sample in samples(request):
+                requests.append(sample)
+                chunks.append(row)
+                lengths.append(len(ids))
     if reader.num_lines == 0 or not (requests or invalid):
         raise UserError(f"{input_path}: the file is empty (expected one JSON request per line)")
     if num_json == 0:
@@ -63,6 +70,7 @@ def build_plan(input_path: Path, spec: ModelSpec, tokenizer: Any, config: Planne
     max_tokens = np.fromiter((r.sampling.max_tokens for r in requests), np.int32, len(requests))
     layout = plan_requests(tokens, max_tokens, kv_bytes_per_token=spec.config.kv_bytes_per_token, config=config)
     header = PlanHeader(
+        chat_template_fingerprint=None if chat_template is None else hashlib.sha256(chat_template.encode()).hexdigest(),
         input_path=str(input_path.resolve()),
         input_fingerprint=reader.fingerprint,
         model_name=spec.name,
@@ -80,14 +88,14 @@ def build_plan(input_path: Path, spec: ModelSpec, tokenizer: Any, config: Planne
 
 
 def plan_to_file(input_path: Path, target: Path, *, spec: ModelSpec, tokenizer: Any,
-                 config: PlannerConfig) -> Plan:
+                 config: PlannerConfig, chat_template: str | None = None) -> Plan:
     """build_plan, then the plan saved at `target` with its input path recorded relative to the plan's folder,
     so that moving the folder that holds both keeps `run` working."""
     if target.is_dir():
         example = target / (input_path.stem + ".plan")
         raise UserError(f"{target} is a directory: give the plan's file name (e.g. {example})", exit_code=EXIT_USAGE)
     check_plan_target(target, input_path=input_path)
-    plan = build_plan(input_path, spec, tokenizer, config)
+    plan = build_plan(input_path, spec, tokenizer, config, chat_template=chat_template)
     relative = os.path.relpath(input_path.resolve(), target.resolve().parent)
     plan = dataclasses.replace(plan, header=dataclasses.replace(plan.header, input_path=relative))
     save_plan(plan, target)
@@ -100,6 +108,16 @@ def _check_budget_fits_any(invalid: list[InvalidLine], requests: list[Request], 
         return
     raise UserError(f"no request fits the KV budget of {human_bytes(config.kv_budget_bytes)}; line "
                     f"{invalid[0].line}: {invalid[0].message}", exit_code=EXIT_USAGE)
+
+
+def read_chat_template(path: Path | None) -> str | None:
+    """The text of `plan --chat-template FILE`; UserError when it cannot be read."""
+    if path is None:
+        return None
+    try:
+        return path.read_text()
+    except OSError as e:
+        raise UserError(f"--chat-template {path}: cannot be read ({e.strerror})") from None
 
 
 def _with_file_format(invalid: list[InvalidLine], requests: list[Request]) -> list[InvalidLine]:
@@ -121,30 +139,52 @@ def _chunks(reader: InputReader, size: int) -> Iterator[list[ParsedLine | Invali
         yield batch
 
 
-def _token_problem(parsed: ParsedLine, ids: list[int] | EncodeError, spec: ModelSpec,
+def samples(request: Request) -> list[Request]:
+    """A request's rows: itself, or its n samples, sample i seeded with seed + i (each its own stream)."""
+    if request.num_samples == 1:
+        return [request]
+    seed = request.sampling.seed
+    return [dataclasses.replace(request, sample_index=i, sampling=dataclasses.replace(
+        request.sampling, seed=None if seed is None else seed + i)) for i in range(request.num_samples)]
+
+
+def _with_max_tokens(request: Request, ids: list[int] | EncodeError, spec: ModelSpec) -> Request:
+    """An OpenAI chat request without max_tokens gets the rest of the context (OpenAI's default)."""
+    if request.sampling.max_tokens is not None:
+        return request
+    rest = spec.config.max_position_embeddings - (0 if isinstance(ids, EncodeError) else len(ids))
+    # Never below min_tokens: a prompt that leaves less room fails the context check, with the numbers.
+    sampling = dataclasses.replace(request.sampling, max_tokens=max(rest, request.sampling.min_tokens, 1))
+    return dataclasses.replace(request, sampling=sampling)
+
+
+def _token_problem(req: Request, ids: list[int] | EncodeError, spec: ModelSpec,
                    config: PlannerConfig) -> InvalidLine | None:
     """Why these token ids cannot be run, as an InvalidLine, or None."""
-    req = parsed.request
     field = ("body." if req.format == "openai" else "") + ("messages" if req.endpoint == "chat" else "prompt")
+
+    def problem(code: str, message: str, name: str = field) -> InvalidLine:
+        return InvalidLine(req.line, req.id, req.format, code, f"field {name!r}: {message}", param=name)
+
     if isinstance(ids, EncodeError):
-        return InvalidLine(req.line, req.id, req.format, "invalid_prompt", f"field {field!r}: {ids}")
+        return problem("invalid_prompt", str(ids))
     if not ids:
-        return InvalidLine(req.line, req.id, req.format, "empty_prompt",
-                           f"field {field!r}: the prompt has no tokens (the model adds no BOS token)")
+        return problem("empty_prompt", "the prompt has no tokens (the model adds no BOS token)")
     if max(ids) >= spec.config.vocab_size:  # a tokenizer larger than the model's embedding table
-        return InvalidLine(req.line, req.id, req.format, "invalid_prompt",
-                           f"field {field!r}: token id {max(ids)} is outside the model's vocabulary of "
-                           f"{spec.config.vocab_size} (its tokenizer has tokens its embedding lacks)")
+        return problem("invalid_prompt", f"token id {max(ids)} is outside the model's vocabulary of "
+                       f"{spec.config.vocab_size} (its tokenizer has tokens its embedding lacks)")
     context = spec.config.max_context_len
     max_tokens = req.sampling.max_tokens
+    assert max_tokens is not None, "resolved by _with_max_tokens"
     if len(ids) + max_tokens > context:
-        return InvalidLine(req.line, req.id, req.format, "context_length_exceeded",
-                           f"field {field!r}: {len(ids)} prompt tokens plus max_tokens {max_tokens} exceed "
-                           f"{spec.config.context_name} of {context} tokens")
+        return problem("context_length_exceeded", f"{len(ids)} prompt tokens plus max_tokens {max_tokens} exceed "
+                       f"{spec.config.context_name} of {context} tokens")
     need = (len(ids) + max_tokens) * spec.config.kv_bytes_per_token
-    if need > config.kv_budget_bytes:
-        # Not the prompt's fault: the option is too small for it.
-        return InvalidLine(req.line, req.id, req.format, "kv_budget_exceeded",
-                           f"this request alone needs {human_bytes(need)} of KV cache, above the KV budget of "
-                           f"{human_bytes(config.kv_budget_bytes)} (raise --kv-budget)")
+    if need > config.kv_budget_bytes:  # not the prompt's fault: the option is too small for it
+        return problem("kv_budget_exceeded", f"this request alone needs {human_bytes(need)} of KV cache, above the "
+                       f"KV budget of {human_bytes(config.kv_budget_bytes)} (raise --kv-budget)")
+    vocab_size = spec.config.vocab_size
+    if any(not 0 <= token < vocab_size for token, _ in req.sampling.logit_bias):
+        name = ("body." if req.format == "openai" else "") + "logit_bias"
+        return problem("invalid_value", f"a token id is outside the vocabulary (0 to {vocab_size - 1})", name)
     return None

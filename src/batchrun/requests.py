@@ -6,19 +6,22 @@ A bad line never stops the read: it becomes an InvalidLine naming its line numbe
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 import orjson
 
-from batchrun import defaults
 from batchrun.errors import UserError
+from batchrun.grammar import parse_response_format
+from batchrun.openai_fields import check_unsupported
+from batchrun.sampling import LineError, SamplingParams, kind, parse_int, parse_sampling
 
 Format = Literal["plain", "openai"]
 Endpoint = Literal["completions", "chat"]
@@ -26,30 +29,6 @@ Prompt = str | list[dict[str, str]]  # a completion prompt, or chat messages
 OPENAI_URLS: dict[str, Endpoint] = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
 ROLES = ("system", "user", "assistant", "tool", "developer")
 BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark, as some editors write at the start of a file
-MAX_TEMPERATURE = 2.0
-# The sampler divides float32 logits by the temperature and cuts at top_p in float32: a positive temperature
-# below MIN_TEMPERATURE overflows the logits to inf, and a top_p below float32's smallest normal number
-# rounds to 0 and keeps no token. Both sampled garbage and reported success; they are refused instead.
-MIN_TEMPERATURE = 1e-5
-MIN_TOP_P = 1.1754943508222875e-38  # numpy.finfo(numpy.float32).tiny
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int
-    min_tokens: int = 0
-    temperature: float = defaults.TEMPERATURE
-    top_p: float = defaults.TOP_P
-    top_k: int = defaults.TOP_K  # 0: no top-k cut
-    seed: int | None = None
-    stop: tuple[str, ...] = field(default_factory=tuple)
-
-    def __post_init__(self) -> None:
-        assert 0 <= self.min_tokens <= self.max_tokens, (self.min_tokens, self.max_tokens)
-
-    @property
-    def is_greedy(self) -> bool:
-        return self.temperature == 0.0
 
 
 @dataclass(frozen=True)
@@ -59,7 +38,12 @@ class Request:
     format: Format
     endpoint: Endpoint
     sampling: SamplingParams
-    model: str | None = None  # OpenAI body.model, echoed in the response
+    model: str | None = None  # OpenAI body.model as the request gave it (the response names the model that ran)
+    num_samples: int = 1  # n: the samples of one request share its prompt and make one output line
+    sample_index: int = 0  # which of them this row is (planning expands a request into its samples)
+
+    def __post_init__(self) -> None:
+        assert 0 <= self.sample_index < self.num_samples, (self.sample_index, self.num_samples)
 
 
 @dataclass(frozen=True)
@@ -69,6 +53,7 @@ class InvalidLine:
     format: Format
     code: str  # "invalid_json", "invalid_request", "missing_field", "invalid_value", "duplicate_id", ...
     message: str  # names the field at fault
+    param: str | None = None  # the field at fault (OpenAI's error "param")
 
 
 @dataclass(frozen=True)
@@ -77,13 +62,7 @@ class ParsedLine:
 
     request: Request
     prompt: Prompt
-
-
-class LineError(Exception):
-    def __init__(self, code: str, field_name: str | None, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.field = field_name
+    chat_template_kwargs: dict[str, Any] | None = None  # extra variables for the chat template
 
 
 class InputReader:
@@ -124,12 +103,12 @@ class InputReader:
             parsed = parse_object(obj, line_no)
         except LineError as e:
             where = f"field {e.field!r}: " if e.field else ""
-            return InvalidLine(line_no, rid, fmt, e.code, where + str(e))
+            return InvalidLine(line_no, rid, fmt, e.code, where + str(e), param=e.field)
         key = parsed.request.id
         if key in self._seen_ids:
             name = "custom_id" if fmt == "openai" else "id"
             message = f"field {name!r}: duplicate id {key!r} (ids must be unique in the file)"
-            return InvalidLine(line_no, key, fmt, "duplicate_id", message)
+            return InvalidLine(line_no, key, fmt, "duplicate_id", message, param=name)
         self._seen_ids.add(key)
         return parsed
 
@@ -167,7 +146,7 @@ def _peek_id(obj: Any, fmt: Format) -> str | None:
 def parse_object(obj: Any, line_no: int) -> ParsedLine:
     """One decoded JSON line → ParsedLine; raises LineError naming the field at fault."""
     if not isinstance(obj, dict):
-        raise LineError("invalid_request", None, f"each line must be a JSON object, not {_kind(obj)}")
+        raise LineError("invalid_request", None, f"each line must be a JSON object, not {kind(obj)}")
     if _looks_openai(obj):
         return _parse_openai(obj, line_no)
     return _parse_plain(obj, line_no)
@@ -177,9 +156,11 @@ def _parse_plain(obj: dict[str, Any], line_no: int) -> ParsedLine:
     if "body" in obj and "prompt" not in obj and "messages" not in obj:
         raise LineError("missing_field", "custom_id", "an OpenAI batch line needs a 'custom_id'")
     rid = _id_field(obj, "id", default=f"line-{line_no}")
+    check_unsupported(obj, prefix="")
     endpoint, prompt = _prompt_fields(obj, prefix="")
     sampling = _sampling(obj, prefix="")
-    return ParsedLine(Request(line_no, rid, "plain", endpoint, sampling), prompt)
+    request = Request(line_no, rid, "plain", endpoint, sampling, num_samples=_num_samples(obj, prefix=""))
+    return ParsedLine(request, prompt, _template_kwargs(obj, prefix=""))
 
 
 def _parse_openai(obj: dict[str, Any], line_no: int) -> ParsedLine:
@@ -197,17 +178,42 @@ def _parse_openai(obj: dict[str, Any], line_no: int) -> ParsedLine:
     endpoint = OPENAI_URLS[url]
     if body.get("stream"):
         raise LineError("unsupported_value", "body.stream", "streaming is not supported in a batch")
-    n = _int(body.get("n", 1), "body.n", low=1)
-    if n != 1:
-        raise LineError("unsupported_value", "body.n", f"only n=1 is supported, not {n!r}")
+    check_unsupported(body, prefix="body.")
     key = "messages" if endpoint == "chat" else "prompt"
     if key not in body:
         raise LineError("missing_field", f"body.{key}", f"{url} needs {key!r}")
     _, prompt = _prompt_fields({key: body[key]}, prefix="body.")
     model = body.get("model")
-    sampling = _sampling(body, prefix="body.")
-    return ParsedLine(Request(line_no, rid, "openai", endpoint, sampling, model if isinstance(model, str) else None),
-                      prompt)
+    sampling = _sampling(body, prefix="body.", is_openai_chat=endpoint == "chat",
+                         is_openai_completions=endpoint == "completions")
+    request = Request(line_no, rid, "openai", endpoint, sampling, model if isinstance(model, str) else None,
+                      num_samples=_num_samples(body, prefix="body."))
+    return ParsedLine(request, prompt, _template_kwargs(body, prefix="body."))
+
+
+def _sampling(obj: dict[str, Any], *, prefix: str, **kw: bool) -> SamplingParams:
+    sampling = parse_sampling(obj, prefix=prefix, **kw)
+    response_format = parse_response_format(obj.get("response_format"), f"{prefix}response_format")
+    if response_format is None:
+        return sampling
+    if sampling.min_tokens:  # the grammar's end is an EOS, which min_tokens would forbid
+        raise LineError("invalid_request", f"{prefix}min_tokens", "cannot be combined with a response_format")
+    return dataclasses.replace(sampling, response_format=response_format)
+
+
+def _num_samples(obj: dict[str, Any], *, prefix: str) -> int:
+    n = 1 if obj.get("n") is None else parse_int(obj["n"], f"{prefix}n", low=1)
+    best_of = obj.get("best_of")
+    if best_of is not None and best_of != n:  # best_of == n is plain sampling; more needs ranking by logprob
+        raise LineError("unsupported_field", f"{prefix}best_of", f"best_of {best_of!r} other than n is not supported")
+    return n
+
+
+def _template_kwargs(obj: dict[str, Any], *, prefix: str) -> dict[str, Any] | None:
+    value = obj.get("chat_template_kwargs")
+    if value is not None and not isinstance(value, dict):
+        raise LineError("invalid_type", f"{prefix}chat_template_kwargs", f"must be an object, not {kind(value)}")
+    return value or None
 
 
 def _id_field(obj: dict[str, Any], name: str, *, default: str | None) -> str:
@@ -217,7 +223,7 @@ def _id_field(obj: dict[str, Any], name: str, *, default: str | None) -> str:
             raise LineError("missing_field", name, "is required")
         return default
     if isinstance(value, bool) or not isinstance(value, str | int):
-        raise LineError("invalid_type", name, f"must be a string or an integer, not {_kind(value)}")
+        raise LineError("invalid_type", name, f"must be a string or an integer, not {kind(value)}")
     if isinstance(value, str) and not value:
         raise LineError("invalid_value", name, "must not be empty")
     return str(value)
@@ -234,7 +240,7 @@ def _prompt_fields(obj: dict[str, Any], *, prefix: str) -> tuple[Endpoint, Promp
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]  # OpenAI allows a list of prompts; one is one request
         if not isinstance(prompt, str):
-            raise LineError("invalid_type", f"{prefix}prompt", f"must be a string, not {_kind(prompt)}")
+            raise LineError("invalid_type", f"{prefix}prompt", f"must be a string, not {kind(prompt)}")
         return "completions", prompt
     return "chat", _messages(obj["messages"], f"{prefix}messages")
 
@@ -246,7 +252,7 @@ def _messages(value: Any, name: str) -> list[dict[str, str]]:
     for i, m in enumerate(value):
         where = f"{name}[{i}]"
         if not isinstance(m, dict):
-            raise LineError("invalid_type", where, f"must be an object, not {_kind(m)}")
+            raise LineError("invalid_type", where, f"must be an object, not {kind(m)}")
         role = m.get("role")
         if role not in ROLES:
             raise LineError("invalid_value", f"{where}.role", f"must be one of {', '.join(ROLES)}, not {role!r}")
@@ -263,69 +269,6 @@ def _content_text(content: Any, name: str) -> str:
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
         return "".join(str(p.get("text", "")) for p in content)
     raise LineError("invalid_type", name, "must be a string or a list of text parts")
-
-
-def _sampling(obj: dict[str, Any], *, prefix: str) -> SamplingParams:
-    max_tokens = obj.get("max_tokens", obj.get("max_completion_tokens", defaults.MAX_TOKENS))
-    max_tokens = _int(max_tokens, f"{prefix}max_tokens", low=1)
-    min_tokens = _int(obj.get("min_tokens", 0), f"{prefix}min_tokens", low=0)
-    if min_tokens > max_tokens:
-        raise LineError("invalid_value", f"{prefix}min_tokens", f"{min_tokens} is above max_tokens ({max_tokens})")
-    top_k = _int(obj.get("top_k", defaults.TOP_K), f"{prefix}top_k", low=-1)
-    seed = obj.get("seed")
-    return SamplingParams(
-        max_tokens=max_tokens,
-        min_tokens=min_tokens,
-        temperature=_float(obj.get("temperature", defaults.TEMPERATURE), f"{prefix}temperature", 0.0,
-                           MAX_TEMPERATURE),
-        top_p=_float(obj.get("top_p", defaults.TOP_P), f"{prefix}top_p", 0.0, 1.0, low_open=True),
-        top_k=max(top_k, 0),  # -1 means "off", as in vLLM
-        seed=None if seed is None else _int(seed, f"{prefix}seed", low=-(2**63)),
-        stop=_stop(obj.get("stop"), f"{prefix}stop"),
-    )
-
-
-def _int(value: Any, name: str, *, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise LineError("invalid_type", name, f"must be an integer, not {_kind(value)}")
-    if value < low or value >= 2**63:
-        raise LineError("invalid_value", name, f"{value} is out of range (at least {low})")
-    return value
-
-
-def _float(value: Any, name: str, low: float, high: float, *, low_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise LineError("invalid_type", name, f"must be a number, not {_kind(value)}")
-    if not value <= high or value < low or (low_open and value == low):  # `not <=`: NaN and inf too
-        interval = f"{'(' if low_open else '['}{low}, {high}]"
-        raise LineError("invalid_value", name, f"{value} is out of range {interval}")
-    problem = sampling_problem(name.rsplit(".", 1)[-1], float(value))
-    if problem is not None:
-        raise LineError("invalid_value", name, problem)
-    return float(value)
-
-
-def sampling_problem(field_name: str, value: float) -> str | None:
-    """Why a temperature or top_p in range cannot be sampled with in float32, or None."""
-    if field_name == "temperature" and 0.0 < value < MIN_TEMPERATURE:
-        return f"{value} is too small to sample with in float32: use 0 (greedy) or at least {MIN_TEMPERATURE}"
-    if field_name == "top_p" and value < MIN_TOP_P:
-        return f"{value} rounds to 0 in float32 (the smallest top_p is {MIN_TOP_P})"
-    return None
-
-
-def _stop(value: Any, name: str) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    stops = [value] if isinstance(value, str) else value
-    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
-        raise LineError("invalid_type", name, "must be a non-empty string or a list of non-empty strings")
-    return tuple(stops)
-
-
-def _kind(value: Any) -> str:
-    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
-    return names.get(type(value), "a number")
 
 
 def file_fingerprint(path: Path) -> str:

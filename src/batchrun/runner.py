@@ -18,7 +18,7 @@ from batchrun.claim import ClaimedOutput, claim_output
 from batchrun.errors import UserError
 from batchrun.metrics import MetricsRecorder, metrics_path_for
 from batchrun.model.spec import ModelSpec, resolve_model
-from batchrun.output import OutputWriter
+from batchrun.output import OutputWriter, default_errors_path
 from batchrun.plan import Plan
 from batchrun.plan_checks import check_plan, check_plan_tokens
 from batchrun.planfile import load_plan
@@ -40,6 +40,7 @@ class RunOutcome:
     num_resumed_failed: int  # error lines of this plan already in the output: the job still has failures
     output_tokens: int
     wall_seconds: float  # generation only: model loading excluded
+    errors_path: Path | None  # where error lines went (None: into the output)
 
     @property
     def is_clean(self) -> bool:
@@ -88,33 +89,44 @@ class RunSession:
     metrics: MetricsRecorder
     num_resumed: int
     num_resumed_failed: int  # of those, error lines
-    total: int  # valid requests plus invalid lines: one output line each
+    total: int  # requests plus invalid lines: one output line each
 
     def skip_ids(self, plan: Plan) -> set[str]:
         return {r.id for r in plan.requests if self.writer.is_done(r)}
 
 
+def default_errors(plan: Plan, output: Path) -> Path | None:
+    """Where a new job's error lines go unless --errors says: for OpenAI-format input, a separate error file
+    beside the output, as the OpenAI Batch API keeps one; for plain input, into the output (None)."""
+    records = [*plan.requests[:1], *plan.invalid[:1]]
+    return default_errors_path(output) if any(r.format == "openai" for r in records) else None
+
+
 @contextmanager
 def open_run(plan: Plan, plan_path: Path, output: Path, *, errors_path: Path | None, spec: ModelSpec,
-             device: str, console: Console, input_path: Path | None = None,
+             device: str, console: Console, input_path: Path | None = None, is_ordered: bool = False,
              **run_info: object) -> Iterator[RunSession]:
     """Opens the output for appending (resuming what is there), the progress display and the metrics file,
     and writes an error line for each of the plan's invalid records not yet in the output. The caller has
     called check_output before loading a model, so that a mistake fails fast; the output is claimed here for
-    the whole run (claim.py: locked, proven to be this plan's, the recorded errors file re-used)."""
+    the whole run (claim.py: locked, proven to be this plan's, the recorded errors file re-used).
+    `errors_path` is --errors (see claim_output for the default); `is_ordered` writes lines in input order."""
     with _claim(plan, plan_path, output, errors_path=errors_path, input_path=input_path) as claimed, \
-            OutputWriter(output, errors_path=claimed.errors_path, model_name=spec.name) as writer:
+            OutputWriter(output, errors_path=claimed.errors_path, model_name=spec.name,
+                         system_fingerprint=f"fp_{spec.fingerprint[:12]}") as writer:
         errors_path = claimed.errors_path
         info = {"plan_fingerprint": plan.header.fingerprint, "plan": str(plan_path.resolve()),
                 "kv_budget_bytes": plan.header.params.kv_budget_bytes, "device": device, "model": spec.name,
                 "dtype": spec.config.dtype, "errors_path": str(errors_path.resolve()) if errors_path else None,
                 **run_info}
-        is_done = [writer.is_done(r) for r in plan.requests]
-        num_resumed = sum(is_done) + sum(map(writer.is_done, plan.invalid))
+        records = [*(r for r in plan.requests if r.sample_index == 0), *plan.invalid]  # one line each
+        if is_ordered:
+            writer.set_order(records)
+        num_resumed = sum(map(writer.is_done, records))
         error_lines = writer.done_lines()
-        num_resumed_failed = sum(r.line in error_lines for r in (*plan.requests, *plan.invalid))
-        total = len(plan.requests) + len(plan.invalid)
-        total_tokens = sum(r.sampling.max_tokens for r, done in zip(plan.requests, is_done, strict=True) if not done)
+        num_resumed_failed = sum(r.line in error_lines for r in records)
+        total = len(records)
+        total_tokens = sum(r.sampling.max_tokens for r in plan.requests if not writer.is_done(r))
         with ProgressWriter(writer, total=total, num_done=num_resumed, console=console, total_tokens=total_tokens,
                             interval_s=defaults.PROGRESS_INTERVAL_S) as progress, \
                 MetricsRecorder(metrics_path_for(output), run_info=info) as metrics:
@@ -135,11 +147,12 @@ def _claim(plan: Plan, plan_path: Path, output: Path, *, errors_path: Path | Non
            input_path: Path | None) -> AbstractContextManager[ClaimedOutput]:
     return claim_output(output, errors_path=errors_path, plan_path=plan_path,
                         input_path=input_path or plan.header.input_file(plan_path),
-                        plan_fingerprint=plan.header.fingerprint)
+                        plan_fingerprint=plan.header.fingerprint, default_errors_path=default_errors(plan, output))
 
 
 def run_plan_file(plan_path: Path, output: Path, *, errors_path: Path | None, model: str | None, device: str,
-                  console: Console, threads: int | None = None, input_path: Path | None = None) -> RunOutcome:
+                  console: Console, threads: int | None = None, input_path: Path | None = None,
+                  is_ordered: bool = False) -> RunOutcome:
     from batchrun.tokenizer import load_tokenizer
 
     plan = load_plan(plan_path)
@@ -148,13 +161,13 @@ def run_plan_file(plan_path: Path, output: Path, *, errors_path: Path | None, mo
     check_output(plan, plan_path, output, errors_path=errors_path, input_path=input_path)
     engine, torch_device = prepare_engine(plan, spec, load_tokenizer(spec), device=device, threads=threads)
     with open_run(plan, plan_path, output, errors_path=errors_path, spec=spec, device=str(torch_device),
-                  console=console, input_path=input_path) as run:
+                  console=console, input_path=input_path, is_ordered=is_ordered) as run:
         start = time.perf_counter()
         summary = engine.run(run.progress, ProgressMetrics(run.metrics, run.progress), skip_ids=run.skip_ids(plan))
         wall = time.perf_counter() - start
     return RunOutcome(num_requests=run.total, num_resumed=run.num_resumed, num_completed=summary.num_completed,
                       num_failed=run.progress.num_failed, num_resumed_failed=run.num_resumed_failed,
-                      output_tokens=summary.output_tokens, wall_seconds=wall)
+                      output_tokens=summary.output_tokens, wall_seconds=wall, errors_path=run.writer.errors_path)
 
 
 class PreparedEngine(NamedTuple):

@@ -13,6 +13,7 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
+from batchrun import openai_format
 from batchrun.errors import UserError
 from batchrun.jsonl import iter_jsonl
 from batchrun.metrics import (
@@ -254,7 +255,7 @@ def _count_output(path: Path) -> tuple[int, int, int, int]:
     """(successes, errors, prompt tokens, completion tokens) of an output or errors file."""
     ok = failed = prompt = completion = 0
     for line_no, obj in iter_jsonl(path, allow_torn_tail=True):
-        if obj.get("error") is not None:
+        if (openai_format.error_of(obj) if "custom_id" in obj else obj.get("error")) is not None:
             failed += 1
             continue
         response = obj.get("response")

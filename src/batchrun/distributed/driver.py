@@ -50,7 +50,7 @@ def run_distributed(plan_path: Path, output: Path, *, errors_path: Path | None, 
                     cpus_per_worker: int | None = None, tail_units_per_worker: int = TAIL_UNITS_PER_WORKER,
                     results_per_batch: int = FLUSH_RESULTS,
                     on_batch: Callable[[BatchEvent], None] | None = None,
-                    input_path: Path | None = None) -> ClusterOutcome:
+                    input_path: Path | None = None, is_ordered: bool = False) -> ClusterOutcome:
     """`batchrun run` over many workers: the same output, resume rules and metrics file as a single run.
 
     Starts a local Ray cluster of `workers` workers, or joins the cluster at `ray_address` (then `workers`
@@ -75,7 +75,8 @@ def run_distributed(plan_path: Path, output: Path, *, errors_path: Path | None, 
             watchdog = Watchdog()
     try:
         cluster = _cluster_spec(ray, device=device, workers=workers, cpus_per_worker=cpus_per_worker)
-        with open_run(plan, plan_path, output, errors_path=errors_path, spec=spec,
+        with open_run(plan, plan_path, output, errors_path=errors_path, spec=spec, is_ordered=is_ordered,
+                      input_path=input_path,
                       device="cuda" if cluster.use_gpu else "cpu", console=console,
                       workers=cluster.num_workers, ray_address=ray_address) as run:
             is_done = np.fromiter(map(run.writer.is_done, plan.requests), bool, len(plan.requests))
@@ -97,7 +98,7 @@ def run_distributed(plan_path: Path, output: Path, *, errors_path: Path | None, 
         num_requests=run.total, num_resumed=run.num_resumed, num_completed=dispatcher.num_completed,
         num_failed=run.progress.num_failed, num_resumed_failed=run.num_resumed_failed,
         output_tokens=run.progress.output_tokens,
-        wall_seconds=dispatcher.wall_seconds,
+        wall_seconds=dispatcher.wall_seconds, errors_path=run.writer.errors_path,
         num_workers=len(dispatcher.workers), num_workers_lost=dispatcher.num_lost,
         num_units=dispatcher.num_units_done, num_requeued=dispatcher.num_requeued,
     )

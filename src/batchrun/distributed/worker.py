@@ -69,7 +69,7 @@ class _Sink:
 
     def __init__(self, task: UnitTask) -> None:
         self.task = task
-        self.index = {r.id: i for i, r in enumerate(task.plan.requests)}
+        self.index = {(r.line, r.sample_index): i for i, r in enumerate(task.plan.requests)}  # ids repeat with n
         self.out: queue.SimpleQueue[ResultBatch | BaseException] = queue.SimpleQueue()
         self.batch = ResultBatch(task.unit)
         self.last_flush = time.monotonic()
@@ -84,12 +84,12 @@ class _Sink:
         self._flush()
 
     def write_completion(self, request: Request, completion: Completion) -> None:
-        self.batch.results.append(Result(self.index[request.id], completion))
+        self.batch.results.append(Result(self.index[request.line, request.sample_index], completion))
         self._maybe_flush()
 
     def write_error(self, record: Request, *, code: str | None = None, message: str | None = None) -> None:
         assert code is not None and message is not None
-        self.batch.results.append(Result(self.index[record.id], None, code, message))
+        self.batch.results.append(Result(self.index[record.line, record.sample_index], None, code, message))
         self._maybe_flush()
 
     def record_step(self, *, seconds: float, num_running: int, num_decode_tokens: int, num_prefill_tokens: int,

@@ -20,15 +20,19 @@ from batchrun.attention import AttentionBackend, select_backend
 from batchrun.engine.batch import BatchBuilder
 from batchrun.engine.finish import FinishRules
 from batchrun.engine.kv_cache import KVCache
+from batchrun.engine.logits_processors import LogitsProcessors
+from batchrun.engine.logprobs import LogprobsRecorder
 from batchrun.engine.model_runner import ModelRunner
 from batchrun.engine.request_state import RequestState
 from batchrun.engine.sampler import Sampler
 from batchrun.engine.scheduler import Scheduler, SchedulerConfig, Step
+from batchrun.engine.structured import StructuredOutput
 from batchrun.engine.transfer import step_results
 from batchrun.kv_accounting import KVAccounting
 from batchrun.model.llama import LlamaModel
 from batchrun.output import Completion, FinishReason
 from batchrun.requests import Request
+from batchrun.tokenizer import token_bytes_of
 from batchrun.tokens import TokenTable
 
 
@@ -41,9 +45,12 @@ class PlanLike(Protocol):
 
 
 class Writer(Protocol):
-    def write_completion(self, request: Request, completion: Completion) -> None: ...
+    """Where results go (output.OutputWriter, through progress.ProgressWriter); one call per finished sample."""
 
-    def write_error(self, record: Request, *, code: str | None = None, message: str | None = None) -> None: ...
+    def write_completion(self, request: Request, completion: Completion) -> bool | None: ...
+
+    def write_error(self, record: Request, *, code: str | None = None, message: str | None = None
+                    ) -> bool | None: ...
 
 
 class Metrics(Protocol):
@@ -171,6 +178,11 @@ class _Run:
             eos_token_ids=engine.eos_token_ids,
             decode=functools.partial(engine.tokenizer.decode, skip_special_tokens=True),
         )
+        params = [r.sampling for r in self.requests]
+        self.processors = LogitsProcessors(params, prompts=plan.tokens, device=engine.model.device)
+        self.logprobs = LogprobsRecorder(params, token_bytes=token_bytes_of(engine.tokenizer))
+        self.structured = StructuredOutput(params, tokenizer=engine.tokenizer, vocab_size=cfg.vocab_size,
+                                           eos_token_ids=engine.eos_token_ids)
 
     def _num_slots(self, kv: KVAccounting, is_skipped: np.ndarray) -> int:
         """The budget in tokens, capped at what the plan could ever hold at once (a small job on a large
@@ -229,8 +241,14 @@ class _Run:
         requests = batch.logit_requests
         if len(requests) == 0:
             return
-        is_nan = torch.isnan(logits).any(dim=-1)  # before sampling, which edits logits in place
-        tokens, is_nan = step_results(self.sampler.sample(logits, requests, state.num_generated[requests]), is_nan)
+        is_nan = torch.isnan(logits).any(dim=-1)  # before the processors and sampling, which edit logits in place
+        captured = self.logprobs.capture(logits, requests)  # the raw distribution, before any processor
+        self.processors.apply(logits, requests, output_ids=state.output_ids)
+        structured_rows = self.structured.apply(logits, requests)
+        sampled = self.sampler.sample(logits, requests, state.num_generated[requests])
+        tokens, is_nan = step_results(sampled, is_nan)  # the step's one device-to-host copy
+        self.logprobs.record(captured, requests, tokens)
+        self.structured.accept(requests, structured_rows[~is_nan[structured_rows]], tokens)
         state.append(requests, tokens)
         counts.output_tokens += len(requests)
         finishes = self.finish.check(
@@ -260,7 +278,7 @@ class _Run:
     def _complete(self, r: int, reason: FinishReason) -> None:
         ids = self.state.output_ids[r]
         completion = Completion(token_ids=list(ids), text=self.finish.text(r, ids), finish_reason=reason,
-                                prompt_tokens=int(self.engine.prompt_len[r]))
+                                prompt_tokens=int(self.engine.prompt_len[r]), logprobs=self.logprobs.take(r))
         self.writer.write_completion(self.requests[r], completion)
         self.counts.num_completed += 1
         self._release(r)
@@ -277,6 +295,9 @@ class _Run:
         for n in self.scheduler.finish(r):
             alloc.free(self.state.release_node(n))
         self.sampler.release(r)
+        self.processors.release(r)
+        self.logprobs.release(r)
+        self.structured.release(r)
 
 
 def _context_errors(engine: Engine, is_skipped: np.ndarray) -> dict[int, str]:
