@@ -111,7 +111,10 @@ def test_sigterm_during_run_is_handled_as_ctrl_c_and_resumes(job, tmp_path) -> N
 
 def test_sigint_during_plan_is_one_message_and_leaves_no_file(tmp_path) -> None:
     input_path = tmp_path / "big.jsonl"
-    input_path.write_text((SAMPLE / "requests.jsonl").read_text() * 200)  # long enough to be mid-way
+    rows = [json.loads(line) for line in (SAMPLE / "requests.jsonl").read_text().splitlines()]
+    with input_path.open("w") as f:  # unique ids, so that all of them are tokenized: long enough to be mid-way
+        for copy in range(200):
+            f.writelines(json.dumps({**row, "id": f"{row['id']}-{copy}"}) + "\n" for row in rows)
     args = [sys.executable, "-m", "batchrun", "plan", str(input_path), "-o", str(tmp_path / "big.plan")]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     time.sleep(6)
