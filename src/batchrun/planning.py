@@ -163,8 +163,9 @@ def _token_problem(req: Request, ids: list[int] | EncodeError, spec: ModelSpec,
     """Why these token ids cannot be run, as an InvalidLine, or None."""
     field = ("body." if req.format == "openai" else "") + ("messages" if req.endpoint == "chat" else "prompt")
 
-    def problem(code: str, message: str, name: str = field) -> InvalidLine:
-        return InvalidLine(req.line, req.id, req.format, code, f"field {name!r}: {message}", param=name)
+    def problem(code: str, message: str, name: str | None = field) -> InvalidLine:
+        where = "" if name is None else f"field {name!r}: "  # None: not a field's fault
+        return InvalidLine(req.line, req.id, req.format, code, where + message, param=name)
 
     if isinstance(ids, EncodeError):
         return problem("invalid_prompt", str(ids))
@@ -182,7 +183,7 @@ def _token_problem(req: Request, ids: list[int] | EncodeError, spec: ModelSpec,
     need = (len(ids) + max_tokens) * spec.config.kv_bytes_per_token
     if need > config.kv_budget_bytes:  # not the prompt's fault: the option is too small for it
         return problem("kv_budget_exceeded", f"this request alone needs {human_bytes(need)} of KV cache, above the "
-                       f"KV budget of {human_bytes(config.kv_budget_bytes)} (raise --kv-budget)")
+                       f"KV budget of {human_bytes(config.kv_budget_bytes)} (raise --kv-budget)", name=None)
     vocab_size = spec.config.vocab_size
     if any(not 0 <= token < vocab_size for token, _ in req.sampling.logit_bias):
         name = ("body." if req.format == "openai" else "") + "logit_bias"
