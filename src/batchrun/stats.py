@@ -35,13 +35,14 @@ class Steps:
     num_running: np.ndarray  # int64[S]
     num_decode_tokens: np.ndarray  # int64[S]
     num_prefill_tokens: np.ndarray  # int64[S]
-    kv_bytes: np.ndarray  # int64[S]
+    kv_bytes: np.ndarray  # int64[S]: KV memory in use after the step
+    num_preempted: np.ndarray  # int64[S]: requests preempted to make room for the step
 
     @staticmethod
-    def from_rows(rows: list[tuple[float, float, int, int, int, int]]) -> Steps:
+    def from_rows(rows: list[tuple[float, float, int, int, int, int, int]]) -> Steps:
         a = np.array(rows, dtype=np.float64).reshape(-1, len(STEP_FIELDS))
         ints = a[:, 2:].astype(np.int64)
-        return Steps(a[:, 0], a[:, 1], ints[:, 0], ints[:, 1], ints[:, 2], ints[:, 3])
+        return Steps(a[:, 0], a[:, 1], ints[:, 0], ints[:, 1], ints[:, 2], ints[:, 3], ints[:, 4])
 
     @staticmethod
     def concat(parts: Sequence[Steps], offsets: Sequence[float]) -> Steps:
@@ -50,7 +51,7 @@ class Steps:
         cat = lambda name: np.concatenate([getattr(p, name) for p in parts])
         t = np.concatenate([p.t + off for p, off in zip(parts, offsets, strict=True)])
         return Steps(t, cat("seconds"), cat("num_running"), cat("num_decode_tokens"),
-                     cat("num_prefill_tokens"), cat("kv_bytes"))
+                     cat("num_prefill_tokens"), cat("kv_bytes"), cat("num_preempted"))
 
     def __len__(self) -> int:
         return len(self.t)
@@ -73,6 +74,7 @@ class SegmentTotals(NamedTuple):
     computed_prompt_tokens: int
     output_tokens: int
     peak_kv_bytes: int
+    num_preemptions: int
 
 
 @dataclass(frozen=True)
@@ -243,8 +245,12 @@ def load_segments(path: Path) -> list[Segment]:
     return segments
 
 
+# Fields that metrics files written before preemption existed lack: they read as 0.
+_ADDED_FIELDS = {"num_preempted": 0, "num_preemptions": 0}
+
+
 def _number(rec: dict[str, Any], key: str, where: str) -> float:
-    value = rec.get(key)
+    value = rec.get(key, _ADDED_FIELDS.get(key))
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise UserError(f"{where}: field {key!r} is {'missing' if value is None else 'not a number'}")
     return value
