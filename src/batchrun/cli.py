@@ -148,10 +148,20 @@ def run(
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="Join this Ray cluster (e.g. auto); "
                                                     "--workers defaults to one per GPU there.",
                                                     show_default=False)] = None,
+    kv_budget: Annotated[str, typer.Option(help="KV-cache memory of the run (e.g. 12GiB), or auto: a share of "
+                                           "the free device memory (CUDA) or of available RAM (CPU) once the "
+                                           "weights are loaded. Not the plan's --kv-budget, which only shaped "
+                                           "its batches.")] = defaults.RUN_KV_BUDGET,
+    max_step_tokens: Annotated[int, typer.Option(min=1, help="Tokens one step computes: every running request's "
+                                                 "decode token, then prefill chunks up to this.")]
+    = defaults.MAX_STEP_TOKENS,
     json: JsonOption = False,
 ) -> None:
     """Execute a plan: each shared prefix computed once, every result appended to the output as it finishes."""
     if workers is not None or ray_address is not None:
+        if kv_budget != defaults.RUN_KV_BUDGET or max_step_tokens != defaults.MAX_STEP_TOKENS:
+            raise UserError("--kv-budget and --max-step-tokens apply to a single-process run; with --workers "
+                            "each worker runs with the plan's budget", exit_code=2)
         from batchrun.distributed.driver import run_distributed
 
         outcome = run_distributed(plan_path, output, errors_path=errors, model=model, device=device,
@@ -160,7 +170,7 @@ def run(
         from batchrun.runner import run_plan_file
 
         outcome = run_plan_file(plan_path, output, errors_path=errors, model=model, device=device, threads=threads,
-                                console=err)
+                                console=err, kv_budget=kv_budget, max_step_tokens=max_step_tokens)
     summary = {"requests": outcome.num_requests, "resumed": outcome.num_resumed,
                "completed": outcome.num_completed, "failed": outcome.num_failed,
                "output_tokens": outcome.output_tokens, "wall_seconds": round(outcome.wall_seconds, 3),

@@ -23,6 +23,7 @@ from batchrun.plan_checks import check_plan, check_same_plan
 from batchrun.planfile import load_plan
 from batchrun.progress import ProgressWriter
 from batchrun.requests import file_fingerprint
+from batchrun.sizes import human_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -99,14 +100,19 @@ def open_run(plan: Plan, plan_path: Path, output: Path, *, errors_path: Path | N
 
 
 def run_plan_file(plan_path: Path, output: Path, *, errors_path: Path | None, model: str | None, device: str,
-                  console: Console, threads: int | None = None) -> RunOutcome:
+                  console: Console, threads: int | None = None, kv_budget: str = defaults.RUN_KV_BUDGET,
+                  max_step_tokens: int = defaults.MAX_STEP_TOKENS) -> RunOutcome:
+    """`kv_budget`: "auto" (sized from the machine once the weights are loaded) or a size; the plan's own
+    budget only shaped its batches. The budget used is printed to `console` and kept in the metrics file."""
     import torch
 
     from batchrun.attention import select_backend
     from batchrun.engine.engine import Engine
+    from batchrun.kv_budget import parse_kv_budget, resolve_kv_budget
     from batchrun.model.loader import load_model
     from batchrun.tokenizer import load_tokenizer
 
+    given_kv_budget = parse_kv_budget(kv_budget)
     plan = load_plan(plan_path)
     spec = plan_model(plan, model)
     check_same_plan(output, plan.header.fingerprint)  # before the slow model load: a mistake fails fast
@@ -117,9 +123,15 @@ def run_plan_file(plan_path: Path, output: Path, *, errors_path: Path | None, mo
         torch.set_num_threads(threads)
     loaded = load_model(spec, device=torch_device)
     tokenizer = load_tokenizer(spec)
+    budget = resolve_kv_budget(given_kv_budget, device=torch_device, config=spec.config,
+                               max_step_tokens=max_step_tokens)
+    num_tokens = budget.num_bytes // spec.config.kv_bytes_per_token
+    console.print(f"KV budget {human_bytes(budget.num_bytes)} ({budget.how}): {num_tokens:,} tokens; up to "
+                  f"{max_step_tokens} tokens a step", highlight=False)
     with open_run(plan, plan_path, output, errors_path=errors_path, spec=spec, device=str(torch_device),
-                  console=console) as run:
-        engine = Engine(loaded, tokenizer, plan, kv_budget_bytes=plan.header.params.kv_budget_bytes,
+                  console=console, kv_budget_bytes=budget.num_bytes, kv_budget_how=budget.how,
+                  max_step_tokens=max_step_tokens) as run:
+        engine = Engine(loaded, tokenizer, plan, kv_budget_bytes=budget.num_bytes, max_step_tokens=max_step_tokens,
                         backend=select_backend(torch_device))
         start = time.perf_counter()
         summary = engine.run(run.progress, run.metrics, skip_ids=run.skip_ids(plan))
