@@ -115,6 +115,12 @@ class Segment:
         peak = int(self.steps.kv_bytes.max()) if len(self.steps) else 0
         return max(peak, int(self.summary.peak_kv_bytes)) if self.summary is not None else peak
 
+    @property
+    def num_preemptions(self) -> int:
+        if self.summary is not None:
+            return int(self.summary.num_preemptions)
+        return int(self.steps.num_preempted.sum())
+
 
 @dataclass(frozen=True)
 class Report:
@@ -156,6 +162,17 @@ class Report:
     @property
     def peak_kv_bytes(self) -> int:
         return max((s.peak_kv_bytes for s in self.segments), default=0)
+
+    @property
+    def num_preemptions(self) -> int:
+        return sum(s.num_preemptions for s in self.segments)
+
+    @property
+    def mean_kv_bytes(self) -> float:
+        """KV in use, averaged over time (each step weighted by its seconds): how full the pool was kept."""
+        steps = self.steps
+        total = float(steps.seconds.sum())
+        return float((steps.kv_bytes * steps.seconds).sum() / total) if total > 0 else 0.0
 
     @property
     def kv_budget_bytes(self) -> int | None:
@@ -207,7 +224,7 @@ def load_segments(path: Path) -> list[Segment]:
     """The run segments of a metrics file, in file order; UserError naming the line when it is not one."""
     segments: list[Segment] = []
     run: dict[str, Any] | None = None
-    rows: list[tuple[float, float, int, int, int, int]] = []
+    rows: list[tuple[float, float, int, int, int, int, int]] = []
     summary: SegmentTotals | None = None
     workers: list[dict[str, Any]] = []
 
@@ -318,6 +335,9 @@ def report_json(report: Report) -> dict[str, Any]:
         "peak_kv_bytes": report.peak_kv_bytes,
         "kv_budget_bytes": budget,
         "peak_kv_share": report.peak_kv_bytes / budget if budget else None,
+        "mean_kv_bytes": report.mean_kv_bytes,
+        "mean_kv_share": report.mean_kv_bytes / budget if budget else None,
+        "num_preemptions": report.num_preemptions,
         "num_segments": len(report.segments),
         "num_killed_segments": report.num_killed_segments,
         "num_steps": len(steps),
