@@ -103,7 +103,12 @@ def check_groups(seqs: list[list[int]], max_tokens: list[int], layout: PlanLayou
         top = tops.pop()
         # A top-level node's members, all of them; or a lone request.
         assert sorted(group) == (sorted(members[top]) if top is not None else group) and len(group) >= 1
-        ratio = sum(max_tokens[r] for r in group) / sum(len(seqs[r]) for r in group)
+        # Decode tokens over the prefill the group computes: its shared segments once, then own tokens.
+        nodes = {v for r in group for v in chain(layout, r)}
+        prefill = sum(int(layout.node_len[v]) - (int(layout.node_len[layout.node_parent[v]])
+                                                 if layout.node_parent[v] >= 0 else 0) for v in nodes)
+        prefill += sum(len(seqs[r]) - own_start(layout, r) for r in group)
+        ratio = sum(max_tokens[r] for r in group) / prefill
         keys.append((-ratio, min(group)))
     assert keys == sorted(keys)  # by decode ratio, largest first, ties by first input index
 
@@ -298,7 +303,15 @@ def test_groups_are_ordered_by_decode_ratio() -> None:
     seqs = [[1] * 20 + [2], [1] * 20 + [3], [4] * 5, [5] * 20 + [6], [5] * 20 + [7], [8] * 5]
     layout = plan(seqs, [1, 1, 50, 100, 100, 50], min_prefix_len=16)
     groups = [sorted(layout.order[a:b].tolist()) for a, b in itertools.pairwise(layout.group_indptr.tolist())]
-    assert groups == [[2], [5], [3, 4], [0, 1]]  # ratios 10, 10 (tie: first input index), 200/42, 2/42
+    assert groups == [[2], [5], [3, 4], [0, 1]]  # ratios 10, 10 (tie: first input index), 200/22, 2/22
+
+
+def test_the_order_counts_a_shared_prefix_once() -> None:
+    # 16 members sharing 2,000 tokens, 64 output tokens each: 1,024 decode tokens over 2,016 computed (0.51),
+    # not over 16 * 2,001 (0.03); a lone request with ratio 0.4 comes after it.
+    seqs = [[7] * 2000 + [i] for i in range(16)] + [[9] * 100]
+    layout = plan(seqs, [64] * 16 + [40], min_prefix_len=16)
+    assert layout.order[:16].tolist() == list(range(16)) and layout.order[16] == 16
 
 
 def test_request_over_the_budget_is_refused() -> None:

@@ -266,13 +266,17 @@ class _Groups(NamedTuple):
 
 def _order_groups(forest: PrefixForest, dfs: np.ndarray, prompt_len: np.ndarray, max_tokens: np.ndarray
                   ) -> _Groups:
-    """Top-level nodes and lone requests as groups, by decode ratio (largest first, ties by first input index)."""
+    """Top-level nodes and lone requests as groups, by decode ratio (largest first, ties by first input index):
+    a group's decode tokens over the prefill it really computes (each shared segment once, then the members'
+    own tokens), so a group whose members share a long prefix counts as the decode-heavy work it is."""
     num_requests = len(dfs)
     if num_requests == 0:
         return _Groups(dfs, np.zeros(1, np.int64))
     starts = forest.group_starts(dfs)
-    decode = np.add.reduceat(max_tokens[dfs], starts).astype(np.float64)
-    ratio = decode / np.add.reduceat(prompt_len[dfs], starts)
+    ends = np.append(starts[1:], num_requests)
+    ranges = KVAccounting(forest, prompt_len=prompt_len, max_tokens=max_tokens).ranges(dfs)
+    prefill = ranges.prefill_base[starts] + ranges.cum_prefill[ends]  # RangeCost.prefill, vectorised
+    ratio = np.add.reduceat(max_tokens[dfs], starts).astype(np.float64) / prefill
     first_index = np.minimum.reduceat(dfs, starts)
     by_ratio = np.lexsort((first_index, -ratio))
     size = np.diff(np.append(starts, num_requests))[by_ratio]
