@@ -160,6 +160,37 @@ def brute_min_prefill(seqs: list[list[int]], *, min_prefix_len: int, max_levels:
     return best
 
 
+def partitions(items: list[int]):
+    """Every set partition of `items` (Bell(len) of them)."""
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for part in partitions(rest):
+        yield [[first], *part]
+        for i in range(len(part)):
+            yield [*part[:i], [first, *part[i]], *part[i + 1 :]]
+
+
+def brute_batchllm_clustering(seqs: list[list[int]], *, min_prefix_len: int) -> int | None:
+    """The fewest prompt tokens over every clustering of the requests into groups, each group computing the
+    common prefix of its prompts-minus-last-token once (when >= min_prefix_len), then each member's rest:
+    BatchLLM's one-level grouping, whatever its gain rule chose; None when there are too many to enumerate."""
+    if len(seqs) > 8:
+        return None
+    heads = [s[:-1] for s in seqs]
+
+    def cost(group: list[int]) -> int:
+        common = 0
+        while all(len(heads[r]) > common and heads[r][common] == heads[group[0]][common] for r in group):
+            common += 1
+        if len(group) < 2 or common < min_prefix_len:
+            common = 0
+        return (common if group else 0) + sum(len(seqs[r]) - common for r in group)
+
+    return min(sum(cost(g) for g in part) for part in partitions(list(range(len(seqs)))))
+
+
 def random_seqs(rng: np.random.Generator, *, num_requests: int, vocab: int, max_len: int) -> list[list[int]]:
     return [rng.integers(0, vocab, rng.integers(1, max_len + 1)).tolist() for _ in range(num_requests)]
 
@@ -182,7 +213,9 @@ def test_random_plans_are_optimal_against_brute_force() -> None:
         seqs = (tree_seqs(rng, num_requests=int(rng.integers(2, 9)), vocab=int(rng.integers(2, 5))) if i % 4
                 else random_seqs(rng, num_requests=int(rng.integers(1, 9)), vocab=2, max_len=6))
         min_prefix_len, max_levels = int(rng.integers(1, 4)), int(rng.choice([1, 2, 3, UNLIMITED]))
-        best = brute_min_prefill(seqs, min_prefix_len=min_prefix_len, max_levels=max_levels)
+        # One level is BatchLLM's clustering (chosen prefixes may nest); more are nested levels.
+        best = (brute_batchllm_clustering(seqs, min_prefix_len=min_prefix_len) if max_levels == 1
+                else brute_min_prefill(seqs, min_prefix_len=min_prefix_len, max_levels=max_levels))
         if best is None:
             continue
         max_tokens = rng.integers(0, 5, len(seqs)).tolist()
@@ -269,6 +302,36 @@ def test_one_level_splits_documents_out_of_the_system_prompt() -> None:
     assert plan(seqs, min_prefix_len=16, max_levels=1).node_len.tolist() == [300]
 
 
+def test_one_level_never_computes_more_than_batchllm_clustering() -> None:
+    """On random three-level workloads (system → document → question) one level computes exactly the fewest
+    tokens any clustering into groups can, and never more than one level without nesting did."""
+    rng = np.random.default_rng(7)
+    num_better = 0
+    for _ in range(300):
+        seqs = tree_seqs(rng, num_requests=int(rng.integers(2, 9)), vocab=int(rng.integers(2, 5)))
+        min_prefix_len = int(rng.integers(1, 4))
+        layout = plan(seqs, min_prefix_len=min_prefix_len, max_levels=1)
+        assert layout.prefill_tokens == brute_batchllm_clustering(seqs, min_prefix_len=min_prefix_len), seqs
+        nested_only = brute_min_prefill(seqs, min_prefix_len=min_prefix_len, max_levels=1)
+        if nested_only is not None:
+            assert layout.prefill_tokens <= nested_only
+            num_better += layout.prefill_tokens < nested_only
+    assert num_better > 10  # the split matters on such workloads
+
+
+def test_one_level_splits_a_long_document_out_and_keeps_the_rest_on_the_system_prompt() -> None:
+    # A 300-token system prompt read by 20 requests, 5 of which also share a 500-token document: the document's
+    # readers get a top-level group of their own (the system prompt computed twice), the rest share it.
+    rng = np.random.default_rng(5)
+    system, doc = rng.integers(0, 30_000, 300).tolist(), rng.integers(0, 30_000, 500).tolist()
+    seqs = [system + doc + rng.integers(0, 30_000, 20).tolist() for _ in range(5)]
+    seqs += [system + rng.integers(0, 30_000, 40).tolist() for _ in range(15)]
+    layout = plan(seqs, min_prefix_len=16, max_levels=1)
+    assert sorted(layout.node_len.tolist()) == [300, 800] and layout.node_parent.tolist() == [-1, -1]
+    assert layout.prefill_tokens == 300 + 800 + 5 * 20 + 15 * 40
+    assert layout.num_groups == 2 and layout.num_levels == 1
+
+
 def test_min_prefix_len_merges_short_levels_downwards() -> None:
     seqs = hierarchy(system_len=10, doc_len=50, num_docs=3, per_doc=4, question_len=5)
     layout = plan(seqs, min_prefix_len=16)
@@ -282,7 +345,9 @@ def test_deep_nested_turns_respect_max_levels_and_stay_optimal() -> None:
     seqs = [sum(turns[: t + 1], []) + [1000 + 2 * t + k] for t in range(8) for k in range(2)]
     for max_levels in (1, 2, 3, UNLIMITED):
         layout = plan(seqs, min_prefix_len=3, max_levels=max_levels)
-        assert layout.prefill_tokens == brute_min_prefill(seqs, min_prefix_len=3, max_levels=max_levels)
+        best = brute_min_prefill(seqs, min_prefix_len=3, max_levels=max_levels)
+        # One level may also nest prefixes (BatchLLM's split), so it can beat the one-level brute force.
+        assert layout.prefill_tokens == best if max_levels > 1 else layout.prefill_tokens <= best
     assert layout.num_levels >= 4
 
 
