@@ -166,6 +166,13 @@ def build_plan(job: Job, *, kv_bytes_per_token: int, kv_budget_bytes: int = 1 <<
     return Plan(requests, tokens, layout)
 
 
+def seeded_job(ck: Checkpoint, seed: int, *, first_seed: int, **sampling) -> tuple[Job, Plan]:
+    """make_job's prompts, each request sampled with its own seed (first_seed, first_seed + 1, ...)."""
+    prompts = make_job(ck, seed, with_eos=False).prompts
+    job = Job(prompts, [SamplingParams(**sampling, seed=first_seed + i) for i in range(len(prompts))], 1)
+    return job, build_plan(job, kv_bytes_per_token=ck.model.config.kv_bytes_per_token)
+
+
 def run(ck: Checkpoint, plan: Plan, job: Job, *, skip_ids=frozenset(), metrics=None, **kw):
     writer = FakeWriter()
     engine = Engine(ck.model, ck.tokenizer, plan, eos_token_ids=(job.eos,), **kw)
@@ -249,10 +256,7 @@ def test_preemption_never_changes_greedy_outputs(checkpoints, seed, with_eos):
 
 def test_preemption_keeps_each_seeded_stream_and_reservation_never_preempts(checkpoints):
     ck = checkpoints("llama")
-    job = make_job(ck, 4, with_eos=False)
-    params = [SamplingParams(max_tokens=12, temperature=0.8, top_k=50, seed=7 + i) for i in range(len(job.prompts))]
-    job = Job(job.prompts, params, 1)
-    plan = build_plan(job, kv_bytes_per_token=ck.model.config.kv_bytes_per_token)
+    job, plan = seeded_job(ck, 4, first_seed=7, max_tokens=12, temperature=0.8, top_k=50)
     budget = tight_budget(ck, job, slack=6)
     free, _ = run(ck, plan, job, kv_budget_bytes=1 << 30)
     metrics = {False: FakeMetrics(), True: FakeMetrics()}
@@ -355,10 +359,8 @@ def test_a_failure_becomes_an_error_line_and_the_run_goes_on(checkpoints):
 
 def test_seeded_sampling_does_not_depend_on_the_batch(checkpoints):
     ck = checkpoints("llama")
-    job = make_job(ck, 3, with_eos=False)
-    params = [SamplingParams(max_tokens=8, temperature=0.9, top_p=0.95, seed=100 + i) for i in range(len(job.prompts))]
-    job = Job(job.prompts, params, 1)
-    plan = build_plan(job, kv_bytes_per_token=ck.model.config.kv_bytes_per_token)
+    job, plan = seeded_job(ck, 3, first_seed=100, max_tokens=8, temperature=0.9, top_p=0.95)
+    params = job.params
     batched, _ = run(ck, plan, job, kv_budget_bytes=1 << 30)
     for i in (0, 5, len(job.prompts) - 1):
         alone = Job([job.prompts[i]], [params[i]], 1)

@@ -80,7 +80,8 @@ def test_report_numbers_by_hand(out_a):
 def test_preemptions_and_kv_use_over_time(tmp_path):
     out = tmp_path / "out.jsonl"
     write_jsonl(out, [plain_ok("a", 10, 2)])
-    steps = [{**step(1.0, 1.0, 3, 0, 30, 600), "num_preempted": 0}, {**step(2.0, 1.0, 2, 2, 0, 900), "num_preempted": 1},
+    steps = [{**step(1.0, 1.0, 3, 0, 30, 600), "num_preempted": 0},
+             {**step(2.0, 1.0, 2, 2, 0, 900), "num_preempted": 1},
              {**step(4.0, 2.0, 2, 2, 0, 300), "num_preempted": 2}]
     write_jsonl(metrics_path_for(out), [run(kv_budget_bytes=1000), *steps])  # killed: counted from the steps
     report = load_report(out)
