@@ -197,6 +197,7 @@ class _Run:
         start = t0 = time.perf_counter()
         while (step := self.scheduler.schedule()) is not None:
             self._admit(step)
+            num_kv_tokens = self.scheduler.num_used  # the step's peak: before its finished requests free theirs
             if len(step.decode) or step.chunks:
                 self._step(step)
             t1 = time.perf_counter()
@@ -206,7 +207,7 @@ class _Run:
                     num_running=self.scheduler.num_running,
                     num_decode_tokens=len(step.decode),
                     num_prefill_tokens=sum(c.end - c.start for c in step.chunks),
-                    kv_bytes=self.scheduler.num_used * self.kv.bytes_per_token,
+                    kv_bytes=num_kv_tokens * self.kv.bytes_per_token,
                     num_preempted=len(step.preempted),
                 )
             t0 = t1
