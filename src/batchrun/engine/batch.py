@@ -123,7 +123,6 @@ class BatchBuilder:
             num_prefill=num_rows - num_decode,
         )
 
-
     def _chunk_tokens(self, chunk: Chunk, row_start: int, prompt_len: np.ndarray, output_ids: list[list[int]]
                       ) -> np.ndarray:
         """A chunk's input ids: from the token table, then (a recompute past the prompt) from the outputs."""
