@@ -68,6 +68,7 @@ def test_user_mistakes_are_one_line_errors_without_traceback(tmp_path: Path) -> 
         ("plan", str(not_jsonl)),
         ("plan", str(SAMPLE / "requests.jsonl"), "--model", str(tmp_path)),
         ("plan", str(SAMPLE / "requests.jsonl"), "--kv-budget", "lots"),
+        ("run", "--plan", str(not_jsonl), "-o", str(tmp_path / "o.jsonl"), "--kv-budget", "lots"),
         ("plan", "--show", str(not_jsonl)),
         ("plan", str(SAMPLE / "requests.jsonl"), "-o", "/dev/null/job.plan"),  # cannot be written
         ("plan", str(SAMPLE / "requests.jsonl"), "--chat-template", str(tmp_path / "absent.jinja")),

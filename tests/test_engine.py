@@ -1,8 +1,9 @@
 """THE ORACLE: greedy fp32 runs of the engine (plan → scheduler → cascade attention → sampler) give the same
 tokens as transformers' `generate` on the same random-weight checkpoint, request by request (unbatched), over
 workloads with single- and multi-level sharing, no sharing, one-request groups, a prompt that is the prefix of
-another, identical prompts, min_tokens with an EOS, stop strings, and a KV budget that forces waves.
-Also: resume (skip_ids), run-time failures, seeded sampling independent of the batch, metrics."""
+another, identical prompts, min_tokens with an EOS, stop strings, a KV budget that forces waves, and one that
+forces preemption. Also: resume (skip_ids), run-time failures, seeded sampling independent of the batch and of
+preemption, metrics."""
 
 from __future__ import annotations
 
@@ -165,6 +166,13 @@ def build_plan(job: Job, *, kv_bytes_per_token: int, kv_budget_bytes: int = 1 <<
     return Plan(requests, tokens, layout)
 
 
+def seeded_job(ck: Checkpoint, seed: int, *, first_seed: int, **sampling) -> tuple[Job, Plan]:
+    """make_job's prompts, each request sampled with its own seed (first_seed, first_seed + 1, ...)."""
+    prompts = make_job(ck, seed, with_eos=False).prompts
+    job = Job(prompts, [SamplingParams(**sampling, seed=first_seed + i) for i in range(len(prompts))], 1)
+    return job, build_plan(job, kv_bytes_per_token=ck.model.config.kv_bytes_per_token)
+
+
 def run(ck: Checkpoint, plan: Plan, job: Job, *, skip_ids=frozenset(), metrics=None, **kw):
     writer = FakeWriter()
     engine = Engine(ck.model, ck.tokenizer, plan, eos_token_ids=(job.eos,), **kw)
@@ -221,6 +229,46 @@ def test_small_kv_budget_runs_in_waves_with_chunked_prefill(checkpoints):
         len(c.token_ids) for c in writer.completions.values())
     # Shared nodes stay resident across waves, so each is still computed once.
     assert summary.computed_prompt_tokens == plan.layout.prefill_tokens
+
+
+def tight_budget(ck: Checkpoint, job: Job, *, slack: int) -> int:
+    """A KV budget that holds the longest request at max_tokens plus `slack` tokens: the others must share."""
+    longest = max(len(p) + s.max_tokens for p, s in zip(job.prompts, job.params, strict=True))
+    return (longest + slack) * ck.model.config.kv_bytes_per_token
+
+
+@pytest.mark.parametrize(("seed", "with_eos"), [(0, False), (2, True), (3, True)])
+def test_preemption_never_changes_greedy_outputs(checkpoints, seed, with_eos):
+    ck = checkpoints("llama")
+    job = make_job(ck, seed, with_eos=with_eos)
+    plan = build_plan(job, kv_bytes_per_token=ck.model.config.kv_bytes_per_token)  # planned on a large budget
+    budget = tight_budget(ck, job, slack=0)
+    metrics = FakeMetrics()
+    writer, summary = run(ck, plan, job, kv_budget_bytes=budget, max_step_tokens=16, metrics=metrics)
+    assert summary.num_preemptions > 0
+    assert sum(s["num_preempted"] for s in metrics.steps) == summary.num_preemptions
+    assert_matches_transformers(ck, job, writer)
+    assert max(s["kv_bytes"] for s in metrics.steps) == summary.peak_kv_bytes <= budget
+    # A preempted request recomputes its own prompt and what it had generated; shared nodes stay resident.
+    assert summary.computed_prompt_tokens > plan.layout.prefill_tokens
+    assert summary.prompt_tokens == plan.layout.prompt_tokens
+
+
+def test_preemption_keeps_each_seeded_stream_and_reservation_never_preempts(checkpoints):
+    ck = checkpoints("llama")
+    job, plan = seeded_job(ck, 4, first_seed=7, max_tokens=12, temperature=0.8, top_k=50)
+    budget = tight_budget(ck, job, slack=6)
+    free, _ = run(ck, plan, job, kv_budget_bytes=1 << 30)
+    metrics = {False: FakeMetrics(), True: FakeMetrics()}
+    for reserve in (False, True):
+        tight, summary = run(ck, plan, job, kv_budget_bytes=budget, metrics=metrics[reserve],
+                             reserve_max_tokens=reserve)
+        assert (summary.num_preemptions > 0) == (not reserve)
+        assert {k: c.token_ids for k, c in tight.completions.items()} == {
+            k: c.token_ids for k, c in free.completions.items()}
+    # Growing KV runs more requests at once than reserving max_tokens does, in the same memory.
+    peak = {reserve: max(s["num_running"] for s in m.steps) for reserve, m in metrics.items()}
+    assert peak[False] > peak[True]
 
 
 def test_no_sharing_plan_gives_the_same_tokens(checkpoints):
@@ -311,10 +359,8 @@ def test_a_failure_becomes_an_error_line_and_the_run_goes_on(checkpoints):
 
 def test_seeded_sampling_does_not_depend_on_the_batch(checkpoints):
     ck = checkpoints("llama")
-    job = make_job(ck, 3, with_eos=False)
-    params = [SamplingParams(max_tokens=8, temperature=0.9, top_p=0.95, seed=100 + i) for i in range(len(job.prompts))]
-    job = Job(job.prompts, params, 1)
-    plan = build_plan(job, kv_bytes_per_token=ck.model.config.kv_bytes_per_token)
+    job, plan = seeded_job(ck, 3, first_seed=100, max_tokens=8, temperature=0.9, top_p=0.95)
+    params = job.params
     batched, _ = run(ck, plan, job, kv_budget_bytes=1 << 30)
     for i in (0, 5, len(job.prompts) - 1):
         alone = Job([job.prompts[i]], [params[i]], 1)
@@ -333,7 +379,7 @@ def test_run_summary_and_metrics(checkpoints):
     assert metrics.summary == dict(
         wall_seconds=summary.wall_seconds, prompt_tokens=summary.prompt_tokens,
         computed_prompt_tokens=summary.computed_prompt_tokens, output_tokens=summary.output_tokens,
-        peak_kv_bytes=summary.peak_kv_bytes,
+        peak_kv_bytes=summary.peak_kv_bytes, num_preemptions=0,
     )
     assert summary.prompt_tokens == plan.layout.prompt_tokens
     assert sum(s["num_prefill_tokens"] for s in metrics.steps) == summary.computed_prompt_tokens

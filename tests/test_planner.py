@@ -103,7 +103,12 @@ def check_groups(seqs: list[list[int]], max_tokens: list[int], layout: PlanLayou
         top = tops.pop()
         # A top-level node's members, all of them; or a lone request.
         assert sorted(group) == (sorted(members[top]) if top is not None else group) and len(group) >= 1
-        ratio = sum(max_tokens[r] for r in group) / sum(len(seqs[r]) for r in group)
+        # Decode tokens over the prefill the group computes: its shared segments once, then own tokens.
+        nodes = {v for r in group for v in chain(layout, r)}
+        prefill = sum(int(layout.node_len[v]) - (int(layout.node_len[layout.node_parent[v]])
+                                                 if layout.node_parent[v] >= 0 else 0) for v in nodes)
+        prefill += sum(len(seqs[r]) - own_start(layout, r) for r in group)
+        ratio = sum(max_tokens[r] for r in group) / prefill
         keys.append((-ratio, min(group)))
     assert keys == sorted(keys)  # by decode ratio, largest first, ties by first input index
 
@@ -155,6 +160,37 @@ def brute_min_prefill(seqs: list[list[int]], *, min_prefix_len: int, max_levels:
     return best
 
 
+def partitions(items: list[int]):
+    """Every set partition of `items` (Bell(len) of them)."""
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for part in partitions(rest):
+        yield [[first], *part]
+        for i in range(len(part)):
+            yield [*part[:i], [first, *part[i]], *part[i + 1 :]]
+
+
+def brute_batchllm_clustering(seqs: list[list[int]], *, min_prefix_len: int) -> int | None:
+    """The fewest prompt tokens over every clustering of the requests into groups, each group computing the
+    common prefix of its prompts-minus-last-token once (when >= min_prefix_len), then each member's rest:
+    BatchLLM's one-level grouping, whatever its gain rule chose; None when there are too many to enumerate."""
+    if len(seqs) > 8:
+        return None
+    heads = [s[:-1] for s in seqs]
+
+    def cost(group: list[int]) -> int:
+        common = 0
+        while all(len(heads[r]) > common and heads[r][common] == heads[group[0]][common] for r in group):
+            common += 1
+        if len(group) < 2 or common < min_prefix_len:
+            common = 0
+        return (common if group else 0) + sum(len(seqs[r]) - common for r in group)
+
+    return min(sum(cost(g) for g in part) for part in partitions(list(range(len(seqs)))))
+
+
 def random_seqs(rng: np.random.Generator, *, num_requests: int, vocab: int, max_len: int) -> list[list[int]]:
     return [rng.integers(0, vocab, rng.integers(1, max_len + 1)).tolist() for _ in range(num_requests)]
 
@@ -177,7 +213,9 @@ def test_random_plans_are_optimal_against_brute_force() -> None:
         seqs = (tree_seqs(rng, num_requests=int(rng.integers(2, 9)), vocab=int(rng.integers(2, 5))) if i % 4
                 else random_seqs(rng, num_requests=int(rng.integers(1, 9)), vocab=2, max_len=6))
         min_prefix_len, max_levels = int(rng.integers(1, 4)), int(rng.choice([1, 2, 3, UNLIMITED]))
-        best = brute_min_prefill(seqs, min_prefix_len=min_prefix_len, max_levels=max_levels)
+        # One level is BatchLLM's clustering (chosen prefixes may nest); more are nested levels.
+        best = (brute_batchllm_clustering(seqs, min_prefix_len=min_prefix_len) if max_levels == 1
+                else brute_min_prefill(seqs, min_prefix_len=min_prefix_len, max_levels=max_levels))
         if best is None:
             continue
         max_tokens = rng.integers(0, 5, len(seqs)).tolist()
@@ -264,6 +302,36 @@ def test_one_level_splits_documents_out_of_the_system_prompt() -> None:
     assert plan(seqs, min_prefix_len=16, max_levels=1).node_len.tolist() == [300]
 
 
+def test_one_level_never_computes_more_than_batchllm_clustering() -> None:
+    """On random three-level workloads (system → document → question) one level computes exactly the fewest
+    tokens any clustering into groups can, and never more than one level without nesting did."""
+    rng = np.random.default_rng(7)
+    num_better = 0
+    for _ in range(300):
+        seqs = tree_seqs(rng, num_requests=int(rng.integers(2, 9)), vocab=int(rng.integers(2, 5)))
+        min_prefix_len = int(rng.integers(1, 4))
+        layout = plan(seqs, min_prefix_len=min_prefix_len, max_levels=1)
+        assert layout.prefill_tokens == brute_batchllm_clustering(seqs, min_prefix_len=min_prefix_len), seqs
+        nested_only = brute_min_prefill(seqs, min_prefix_len=min_prefix_len, max_levels=1)
+        if nested_only is not None:
+            assert layout.prefill_tokens <= nested_only
+            num_better += layout.prefill_tokens < nested_only
+    assert num_better > 10  # the split matters on such workloads
+
+
+def test_one_level_splits_a_long_document_out_and_keeps_the_rest_on_the_system_prompt() -> None:
+    # A 300-token system prompt read by 20 requests, 5 of which also share a 500-token document: the document's
+    # readers get a top-level group of their own (the system prompt computed twice), the rest share it.
+    rng = np.random.default_rng(5)
+    system, doc = rng.integers(0, 30_000, 300).tolist(), rng.integers(0, 30_000, 500).tolist()
+    seqs = [system + doc + rng.integers(0, 30_000, 20).tolist() for _ in range(5)]
+    seqs += [system + rng.integers(0, 30_000, 40).tolist() for _ in range(15)]
+    layout = plan(seqs, min_prefix_len=16, max_levels=1)
+    assert sorted(layout.node_len.tolist()) == [300, 800] and layout.node_parent.tolist() == [-1, -1]
+    assert layout.prefill_tokens == 300 + 800 + 5 * 20 + 15 * 40
+    assert layout.num_groups == 2 and layout.num_levels == 1
+
+
 def test_min_prefix_len_merges_short_levels_downwards() -> None:
     seqs = hierarchy(system_len=10, doc_len=50, num_docs=3, per_doc=4, question_len=5)
     layout = plan(seqs, min_prefix_len=16)
@@ -277,7 +345,9 @@ def test_deep_nested_turns_respect_max_levels_and_stay_optimal() -> None:
     seqs = [sum(turns[: t + 1], []) + [1000 + 2 * t + k] for t in range(8) for k in range(2)]
     for max_levels in (1, 2, 3, UNLIMITED):
         layout = plan(seqs, min_prefix_len=3, max_levels=max_levels)
-        assert layout.prefill_tokens == brute_min_prefill(seqs, min_prefix_len=3, max_levels=max_levels)
+        best = brute_min_prefill(seqs, min_prefix_len=3, max_levels=max_levels)
+        # One level may also nest prefixes (BatchLLM's split), so it can beat the one-level brute force.
+        assert layout.prefill_tokens == best if max_levels > 1 else layout.prefill_tokens <= best
     assert layout.num_levels >= 4
 
 
@@ -298,7 +368,15 @@ def test_groups_are_ordered_by_decode_ratio() -> None:
     seqs = [[1] * 20 + [2], [1] * 20 + [3], [4] * 5, [5] * 20 + [6], [5] * 20 + [7], [8] * 5]
     layout = plan(seqs, [1, 1, 50, 100, 100, 50], min_prefix_len=16)
     groups = [sorted(layout.order[a:b].tolist()) for a, b in itertools.pairwise(layout.group_indptr.tolist())]
-    assert groups == [[2], [5], [3, 4], [0, 1]]  # ratios 10, 10 (tie: first input index), 200/42, 2/42
+    assert groups == [[2], [5], [3, 4], [0, 1]]  # ratios 10, 10 (tie: first input index), 200/22, 2/22
+
+
+def test_the_order_counts_a_shared_prefix_once() -> None:
+    # 16 members sharing 2,000 tokens, 64 output tokens each: 1,024 decode tokens over 2,016 computed (0.51),
+    # not over 16 * 2,001 (0.03); a lone request with ratio 0.4 comes after it.
+    seqs = [[7] * 2000 + [i] for i in range(16)] + [[9] * 100]
+    layout = plan(seqs, [64] * 16 + [40], min_prefix_len=16)
+    assert layout.order[:16].tolist() == list(range(16)) and layout.order[16] == 16
 
 
 def test_request_over_the_budget_is_refused() -> None:

@@ -95,6 +95,21 @@ def test_resume_after_kill_9_gives_every_request_once(clean_run: tuple[Path, lis
     assert json.loads(again.stdout.strip().splitlines()[-1])["completed"] == 0 and len(lines(out)) == 240
 
 
+def test_run_takes_its_own_kv_budget_and_step_size_and_says_what_it_used(
+        clean_run: tuple[Path, list[dict]], tmp_path: Path) -> None:
+    _, clean_rows = clean_run
+    (tmp_path / "in.jsonl").write_text("".join((SAMPLE / "requests.jsonl").read_text().splitlines(True)[:6]))
+    out = tmp_path / "out.jsonl"
+    result = batchrun("run", "--plan", str(plan(tmp_path, tmp_path / "in.jsonl")), "-o", str(out),
+                      "--kv-budget", "2MiB", "--max-step-tokens", "64")
+    assert result.returncode == 0, result.stderr
+    assert "KV budget 2.0 MiB (given): 512 tokens; up to 64 tokens a step" in result.stderr
+    run_info = json.loads((tmp_path / "out.jsonl.metrics.jsonl").read_text().splitlines()[0])
+    assert run_info["kv_budget_bytes"] == 2 << 20 and run_info["max_step_tokens"] == 64
+    by_id = {r["id"]: r["token_ids"] for r in clean_rows}
+    assert all(r["token_ids"] == by_id[r["id"]] for r in lines(out)) and len(lines(out)) == 6
+
+
 def test_bad_lines_become_error_lines_and_exit_1(tmp_path: Path) -> None:
     out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
     result = batchrun("run", "--plan", str(plan(tmp_path, SAMPLE / "bad_lines.jsonl")), "-o", str(out),

@@ -56,55 +56,79 @@ def make_scheduler(plan, *, is_skipped, config):
     return Scheduler(kv=kv, order=plan["order"], is_skipped=is_skipped, config=config)
 
 
-def drive(plan, *, num_slots, max_step_tokens, is_skipped, rng):
+def drive(plan, *, num_slots, max_step_tokens, is_skipped, rng, reserve=False, out_len=None, **config):
     """Runs the scheduler to the end with a fake engine, checking invariants at every step."""
-    sched = make_scheduler(plan, is_skipped=is_skipped, config=SchedulerConfig(num_slots, max_step_tokens))
+    config = SchedulerConfig(num_slots, max_step_tokens, reserve_max_tokens=reserve, **config)
+    sched = make_scheduler(plan, is_skipped=is_skipped, config=config)
     num_requests = len(plan["request_node"])
     # Each request stops after a random number of tokens (EOS) at most max_tokens.
-    out_len = np.array([int(rng.integers(1, m + 1)) for m in plan["max_tokens"]])
+    if out_len is None:
+        out_len = np.array([int(rng.integers(1, m + 1)) for m in plan["max_tokens"]])
     generated = np.zeros(num_requests, int)
     prefilled = {}  # ("n"|"r", index) → next position to prefill
+    prefill_end = {}  # ("n"|"r", index) → where its prefill ends
     resident, ever_resident, freed = set(), set(), set()
-    admitted, rejected = set(), set()
+    running, finished, rejected, num_admissions = set(), set(), set(), np.zeros(num_requests, int)
     alloc = SlotAllocator(num_slots)
     held = {}
-    computed = 0
+    computed = expected_computed = 0
     steps = 0
     while (step := sched.schedule()) is not None:
         steps += 1
         assert steps < 10_000, "no progress"
         for n in step.freed_nodes:
-            resident.discard(n)
+            # Freed under pressure only when no running request reads it; else with its last member.
+            assert not any(n in sched.forest.request_chain(r) for r in running)
+            resident.remove(n)
             freed.add(n)
             alloc.free(held.pop(("n", n)))
+            expected_computed -= prefill_end["n", n] - prefilled["n", n]  # dropped mid-prefill
+        for r in step.preempted:
+            assert r in running and not reserve, "the old rule never preempts"
+            running.remove(r)
+            expected_computed -= prefill_end["r", r] - prefilled["r", r]
+            alloc.free(held.pop(("r", r)))
         for n in step.admitted_nodes:
-            assert n not in ever_resident
+            assert n not in resident
             resident.add(n)
             ever_resident.add(n)
             prefilled["n", n] = int(sched.forest.node_start[n])
+            prefill_end["n", n] = int(sched.forest.node_len[n])
+            expected_computed += sched.node_tokens(n)
             held["n", n] = alloc.alloc(sched.node_tokens(n))
         for r in step.admitted:
-            assert r not in admitted and r not in rejected and not is_skipped[r]
+            assert r not in running and r not in finished and r not in rejected and not is_skipped[r]
             assert all(n in resident for n in sched.forest.request_chain(r))
-            admitted.add(r)
+            running.add(r)
+            num_admissions[r] += 1
+            # A preempted request recomputes its own prompt and every token it had generated.
+            own = int(sched.kv.prompt_len[r] - sched.forest.own_start[r]) + generated[r]
+            assert sched.own_tokens(r) == own
             prefilled["r", r] = int(sched.forest.own_start[r])
-            held["r", r] = alloc.alloc(sched.request_tokens(r))
+            prefill_end["r", r] = int(sched.kv.prompt_len[r]) + generated[r]
+            expected_computed += own
+            held["r", r] = alloc.alloc(own)
         for r in step.rejected:
             rejected.add(r)
-            need = sum(sched.node_tokens(n) for n in sched.forest.request_chain(r)) + sched.request_tokens(r)
+            need = sum(sched.node_tokens(n) for n in sched.forest.request_chain(r)) + int(
+                sched.kv.own_prompt_tokens[r] + sched.kv.decode_tokens[r])
             assert need > num_slots, "rejected a request that fits an empty pool"
-        # Continuous admission: the next request waits only because it does not fit now.
-        if sched.next_pos < num_requests:
+        # Decode rows grow their request's KV by one slot each.
+        decode = step.decode.tolist()
+        for r in decode:
+            held["r", r] = np.r_[held["r", r], alloc.alloc(1)]
+            assert len(held["r", r]) == sched.own_tokens(r)
+        # Continuous admission: work waits only while something runs (and frees memory as it finishes).
+        assert sched.num_running > 0 or sched._next_candidate() is None
+        if reserve and sched.next_pos < num_requests and not sched.preempted:
             r = int(sched.order[sched.next_pos])
             cost = sum(sched.node_tokens(n) for n in sched.forest.request_chain(r) if not sched.is_resident[n])
-            assert sched.num_reserved + cost + sched.request_tokens(r) > num_slots or sched.num_running == 0
-        # The scheduler's reservation is exactly what is held.
-        expected = sum(sched.node_tokens(n) for n in resident)
-        expected += sum(sched.request_tokens(r) for r in admitted if not sched.is_finished[r])
-        assert sched.num_reserved == expected <= num_slots
-        assert alloc.num_used == expected
+            assert sched.num_committed + cost + int(sched.kv.request_tokens[r]) > num_slots
+        # What the scheduler counts is exactly what is held, and never more than the pool.
+        expected = sum(sched.node_tokens(n) for n in resident) + sum(sched.own_tokens(r) for r in running)
+        assert sched.num_used == expected == alloc.num_used <= sched.num_committed <= num_slots
+        assert running == set(np.flatnonzero(sched.is_running).tolist())
         # Step composition: decode rows in plan order, prefill chunks within the token budget.
-        decode = step.decode.tolist()
         assert sorted(decode, key=lambda r: sched.plan_pos[r]) == decode and len(set(decode)) == len(decode)
         num_prefill = sum(c.end - c.start for c in step.chunks)
         assert len(decode) + num_prefill <= max(max_step_tokens, len(decode))
@@ -112,8 +136,7 @@ def drive(plan, *, num_slots, max_step_tokens, is_skipped, rng):
             key = ("n" if c.is_node else "r", c.index)
             assert prefilled[key] == c.start < c.end, "chunks are contiguous, each token once"
             prefilled[key] = c.end
-            end = sched.forest.node_len[c.index] if c.is_node else sched.kv.prompt_len[c.index]
-            assert c.is_last == (c.end == end)
+            assert c.is_last == (c.end == prefill_end[key])
             # What it reads is resident and already fully prefilled (earlier in this step or before).
             readers_chain = (sched.forest.node_chain(int(sched.forest.node_parent[c.index])) if c.is_node
                              else sched.forest.request_chain(c.index))
@@ -121,41 +144,102 @@ def drive(plan, *, num_slots, max_step_tokens, is_skipped, rng):
                 assert n in resident and prefilled["n", n] == sched.forest.node_len[n]
             computed += c.end - c.start
         for r in decode:
-            assert prefilled["r", r] == sched.kv.prompt_len[r] and generated[r] >= 1
+            assert r in running and prefilled["r", r] == prefill_end["r", r] and generated[r] >= 1
             assert all(n in resident for n in sched.forest.request_chain(r))
         # Fake sampling: one token per decode row and per completed request prefill.
         done_now = []
         for r in decode + [c.index for c in step.chunks if c.is_last and not c.is_node]:
             generated[r] += 1
-            assert generated[r] <= plan["max_tokens"][r]
+            assert generated[r] <= plan["max_tokens"][r] and generated[r] == sched.num_generated[r]
             if generated[r] == out_len[r]:
                 done_now.append(r)
         for r in done_now:
             alloc.free(held.pop(("r", r)))
+            running.remove(r)
+            finished.add(r)
             for n in sched.finish(r):
-                assert n in resident and n not in freed
-                resident.discard(n)
+                assert n in resident
+                # Never freed while a member is unfinished.
+                assert not any(n in sched.forest.request_chain(m) for m in running)
+                resident.remove(n)
                 freed.add(n)
                 alloc.free(held.pop(("n", n)))
     want = {r for r in range(num_requests) if not is_skipped[r]}
-    assert admitted | rejected == want and not admitted & rejected
-    assert all(generated[r] == out_len[r] for r in admitted)
-    assert freed == ever_resident and not resident and sched.num_reserved == 0 and alloc.num_used == 0
-    # Each node computed once: prefill equals distinct admitted nodes plus own tokens.
-    own = sum(int(sched.kv.prompt_len[r] - sched.forest.own_start[r]) for r in admitted)
-    assert computed == own + sum(sched.node_tokens(n) for n in ever_resident)
-    return sched, steps, admitted, rejected
+    assert finished | rejected == want and not finished & rejected and not running
+    assert all(generated[r] == out_len[r] for r in finished)
+    assert freed == ever_resident and not resident and sched.num_used == 0 and alloc.num_used == 0
+    assert sched.num_preemptions == int(num_admissions.sum()) - len(finished)
+    # Every admission's prefill computed once (shared segments as often as they were made resident), but for
+    # what preemption cut short.
+    assert computed == expected_computed
+    if sched.num_preemptions == 0:
+        own = sum(int(sched.kv.prompt_len[r] - sched.forest.own_start[r]) for r in finished)
+        assert computed == own + sum(sched.node_tokens(n) for n in ever_resident)
+    return sched, steps, finished, rejected
 
 
+@pytest.mark.parametrize("reserve", [False, True])
 @pytest.mark.parametrize("seed", range(40))
-def test_random_plans_keep_invariants(seed):
+def test_random_plans_keep_invariants(seed, reserve):
     rng = np.random.default_rng(seed)
     plan = random_plan(rng)
     num_requests = len(plan["request_node"])
     is_skipped = rng.random(num_requests) < (0.3 if seed % 3 == 0 else 0.0)
     num_slots = int(rng.choice([40, 80, 200, 10_000]))
     drive(plan, num_slots=num_slots, max_step_tokens=int(rng.choice([1, 7, 64, 4096])), is_skipped=is_skipped,
-          rng=rng)
+          rng=rng, reserve=reserve)
+
+
+def test_tiny_budgets_preempt_and_lose_nothing():
+    # The pool barely holds the largest request alone and admission looks no step ahead: running requests
+    # outgrow it all the time, so preemption (and freeing idle nodes) is the rule, not the exception.
+    num_preempting = 0
+    for seed in range(60):
+        rng = np.random.default_rng(1000 + seed)
+        plan = random_plan(rng)
+        num_requests = len(plan["request_node"])
+        need = plan["prompt_len"].astype(int) + plan["max_tokens"]
+        num_slots = int(need.max()) + int(rng.integers(0, 10))
+        sched, _, finished, rejected = drive(
+            plan, num_slots=num_slots, max_step_tokens=int(rng.choice([3, 16, 4096])),
+            is_skipped=rng.random(num_requests) < 0.2, rng=rng, watermark=0.0, lookahead_steps=0)
+        assert not rejected
+        num_preempting += sched.num_preemptions > 0
+    assert num_preempting >= 30
+
+
+def test_growth_admits_by_use_where_reservation_waits():
+    # 8 requests of 4 prompt tokens, max_tokens 100, that stop after 5: reserving 104 each fits one in 120
+    # slots at a time; growing, all 8 run together (32 prompt + 8 * 4 lookahead + 5 steps each fits).
+    plan = dict(node_parent=np.zeros(0, np.int32), node_len=np.zeros(0, np.int32), request_node=np.full(8, -1),
+                order=np.arange(8), prompt_len=np.full(8, 4), max_tokens=np.full(8, 100))
+    steps = {}
+    for reserve in (True, False):
+        sched = make_scheduler(plan, is_skipped=np.zeros(8, bool),
+                               config=SchedulerConfig(120, 64, watermark=0.0, reserve_max_tokens=reserve))
+        step = sched.schedule()
+        assert len(step.admitted) == (1 if reserve else 8)
+        sched, steps[reserve], finished, _ = drive(
+            plan, num_slots=120, max_step_tokens=64, reserve=reserve, is_skipped=np.zeros(8, bool),
+            rng=np.random.default_rng(0), out_len=np.full(8, 5), watermark=0.0)
+        assert len(finished) == 8 and sched.num_preemptions == 0
+    assert steps == {True: 8 * 5, False: 5}
+
+
+def test_preemption_takes_the_latest_request_that_does_not_hold_a_node_alone():
+    # Requests 0, 1 read node 0; request 2 reads node 1 alone; request 3 reads nothing. Preemption passes over
+    # the earliest request (0) and request 2 (node 1's only running reader), so it takes 3, then 1.
+    plan = dict(node_parent=np.array([-1, -1]), node_len=np.array([4, 4]), request_node=np.array([0, 0, 1, -1]),
+                order=np.arange(4), prompt_len=np.array([5, 5, 5, 1]), max_tokens=np.full(4, 8))
+    sched = make_scheduler(plan, is_skipped=np.zeros(4, bool),
+                           config=SchedulerConfig(24, 64, watermark=0.0, lookahead_steps=0))
+    step = sched.schedule()  # 4 + 1 + 1 + 4 + 1 + 1 = 12 tokens: everyone fits
+    assert step.admitted == [0, 1, 2, 3] and sched.num_used == 12
+    victims = []
+    while sched.num_preemptions < 2:
+        victims += sched.schedule().preempted
+    assert victims == [3, 1] and sched.is_running[[0, 2]].all()
+    assert sched.is_resident.all(), "shared nodes stay resident while a member is unfinished"
 
 
 def test_a_large_budget_admits_everything_at_once():
@@ -173,7 +257,7 @@ def test_a_small_budget_runs_in_waves_and_frees_the_shared_node_last():
     # One node of 10 tokens, 4 members each needing 2 own + 3 output tokens: 10 + 2 * 5 fits two at a time.
     plan = dict(node_parent=np.array([-1]), node_len=np.array([10]), request_node=np.zeros(4, np.int32),
                 order=np.arange(4), prompt_len=np.full(4, 12), max_tokens=np.full(4, 3))
-    sched = make_scheduler(plan, is_skipped=np.zeros(4, bool), config=SchedulerConfig(20, 64))
+    sched = make_scheduler(plan, is_skipped=np.zeros(4, bool), config=SchedulerConfig(20, 64, reserve_max_tokens=True))
     step = sched.schedule()
     assert step.admitted_nodes == [0] and step.admitted == [0, 1]
     assert [(c.is_node, c.index) for c in step.chunks] == [(True, 0), (False, 0), (False, 1)]
@@ -181,7 +265,7 @@ def test_a_small_budget_runs_in_waves_and_frees_the_shared_node_last():
     step = sched.schedule()
     assert step.admitted_nodes == [] and step.admitted == [2, 3]  # the node stayed resident between waves
     assert sched.finish(2) == [] and sched.finish(3) == [0]
-    assert sched.schedule() is None and sched.num_reserved == 0
+    assert sched.schedule() is None and sched.num_used == 0
 
 
 def test_skipped_members_do_not_compute_their_node():
@@ -253,7 +337,7 @@ def check_reservation(layout, kv, *, budget, max_step_tokens, out_len):
 
     num_requests = len(layout.order)
     sched = Scheduler(kv=kv, order=layout.order, is_skipped=np.zeros(num_requests, bool),
-                      config=SchedulerConfig(budget, max_step_tokens))
+                      config=SchedulerConfig(budget, max_step_tokens, reserve_max_tokens=True))
     seg = layout.forest.segment_len
     running: set[int] = set()
     generated = np.zeros(num_requests, int)
@@ -263,10 +347,10 @@ def check_reservation(layout, kv, *, budget, max_step_tokens, out_len):
         lingering = sum(int(seg[n]) for n in np.flatnonzero(sched.is_resident) if n not in read)
         held = kv_tokens(layout, prompt_len=kv.prompt_len, max_tokens=kv.decode_tokens,
                          requests=np.array(sorted(running)))
-        assert sched.num_reserved == held + lingering <= budget
+        assert sched.num_committed == held + lingering <= budget
         for r in step.decode.tolist() + [c.index for c in step.chunks if c.is_last and not c.is_node]:
             generated[r] += 1
             if generated[r] == out_len[r]:
                 sched.finish(r)
                 running.discard(r)
-    assert not running and sched.num_reserved == 0
+    assert not running and sched.num_used == 0

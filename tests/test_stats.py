@@ -78,6 +78,31 @@ def test_report_numbers_by_hand(out_a):
     assert report_json(load_report(metrics_path_for(out_a))) == j  # the metrics file names the same run
 
 
+def test_preemptions_and_kv_use_over_time(tmp_path):
+    out = tmp_path / "out.jsonl"
+    write_jsonl(out, [plain_ok("a", 10, 2)])
+    steps = [{**step(1.0, 1.0, 3, 0, 30, 600), "num_preempted": 0},
+             {**step(2.0, 1.0, 2, 2, 0, 900), "num_preempted": 1},
+             {**step(4.0, 2.0, 2, 2, 0, 300), "num_preempted": 2}]
+    write_jsonl(metrics_path_for(out), [run(kv_budget_bytes=1000), *steps])  # killed: counted from the steps
+    report = load_report(out)
+    j = report_json(report)
+    assert j["num_preemptions"] == 3 and j["peak_kv_bytes"] == 900
+    assert j["mean_kv_bytes"] == pytest.approx((600 + 900 + 2 * 300) / 4) and j["mean_kv_share"] == pytest.approx(0.525)
+    write_jsonl(metrics_path_for(out), [run(kv_budget_bytes=1000), *steps, {**SUMMARY_A, "num_preemptions": 5}])
+    assert report_json(load_report(out))["num_preemptions"] == 5  # the summary's count, when there is one
+    console = Console(file=io.StringIO(), width=200)
+    render_report(console, report)
+    text = console.file.getvalue()
+    assert "preemptions" in text and "preempted" in text and "mean KV" in text
+    assert plot_report(report, tmp_path / "kv.png").stat().st_size > 10_000
+
+
+def test_files_from_before_preemption_read_as_no_preemption(out_a):
+    j = report_json(load_report(out_a))  # SEGMENT_A's records have no preemption fields
+    assert j["num_preemptions"] == 0
+
+
 def test_killed_segment_counts_its_steps(tmp_path):
     out = tmp_path / "out.jsonl"
     write_jsonl(out, [plain_ok("a", 100, 4)])

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from collections.abc import Iterable, Mapping
 from contextlib import ExitStack
@@ -18,6 +19,7 @@ from batchrun import defaults
 from batchrun.errors import EXIT_USAGE, UserError
 from batchrun.job import STDIN, ensure_job_plan, job_source, spool_stdin
 from batchrun.planner import PlannerConfig
+from batchrun.sizes import parse_size
 
 if TYPE_CHECKING:
     from batchrun.output import Completion
@@ -99,7 +101,6 @@ class MadePlan(NamedTuple):
 def planner_config(*, kv_budget: str | int = defaults.KV_BUDGET, min_prefix_len: int = defaults.MIN_PREFIX_LEN,
                    max_levels: int = defaults.MAX_LEVELS, share: bool = True) -> PlannerConfig:
     """The planning options as `batchrun plan` takes them (`kv_budget` as bytes or a size such as '4GiB')."""
-    from batchrun.sizes import parse_size
 
     budget = kv_budget if isinstance(kv_budget, int) else parse_size(kv_budget)
     return PlannerConfig(kv_budget_bytes=budget, min_prefix_len=min_prefix_len, max_levels=max_levels, share=share)
@@ -138,11 +139,13 @@ def run_job(source: str | Path | None, output: str | Path, *, plan: str | Path |
             input: str | Path | None = None, errors: str | Path | None = None, model: str | None = None,
             dtype: str | None = None, config: PlannerConfig | None = None, device: str = defaults.DEVICE,
             threads: int | None = None, workers: int | None = None, ray_address: str | None = None,
-            download: bool = False, console: Console | None = None, is_ordered: bool = False) -> RunOutcome:
+            download: bool = False, console: Console | None = None, is_ordered: bool = False,
+            kv_budget: str = defaults.RUN_KV_BUDGET, max_step_tokens: int = defaults.MAX_STEP_TOKENS) -> RunOutcome:
     """`batchrun run`: runs a plan (`source` or `plan`; `input` then overrides the input it records), or plans
     an input (`source` or `input`) into OUT.plan beside the output and runs that; the same call resumes.
     `download`: a Hub model absent from the Hugging Face cache is fetched into it first; `is_ordered`: lines
-    in input order."""
+    in input order; `kv_budget`: the run's KV memory ("auto": sized from the machine; a size also shapes the
+    batches of a plan made here); `max_step_tokens`: tokens one engine step computes."""
     console = console or Console(stderr=True, soft_wrap=True)
     output = Path(output)
     if output.is_dir():
@@ -164,8 +167,11 @@ def run_job(source: str | Path | None, output: str | Path, *, plan: str | Path |
         input_path = found.input_path
         if str(input_path) == STDIN:
             input_path = spool_stdin(stdin_copy_path(output))
+        config = config or planner_config()
+        if kv_budget != defaults.RUN_KV_BUDGET:
+            config = dataclasses.replace(config, kv_budget_bytes=parse_size(kv_budget))
         plan_path = _job_plan(input_path, output, model=model or defaults.BUILTIN_MODEL, dtype=dtype,
-                              config=config or planner_config(), download=download, console=console)
+                              config=config, download=download, console=console)
         model = None  # the plan names it
     kwargs = dict(errors_path=_path(errors), model=model, device=device, console=console, input_path=input_path,
                   is_ordered=is_ordered)
@@ -175,7 +181,8 @@ def run_job(source: str | Path | None, output: str | Path, *, plan: str | Path |
         return run_distributed(plan_path, output, workers=workers, ray_address=ray_address, **kwargs)
     from batchrun.runner import run_plan_file
 
-    return run_plan_file(plan_path, output, threads=threads, **kwargs)
+    return run_plan_file(plan_path, output, threads=threads, kv_budget=kv_budget, max_step_tokens=max_step_tokens,
+                         **kwargs)
 
 
 def _job_plan(input_path: Path, output: Path, *, model: str, dtype: str | None, config: PlannerConfig,

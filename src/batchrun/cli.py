@@ -226,7 +226,6 @@ def run(
                                               "model [default: the model the plan names]. With an input: as "
                                               f"`plan --model` [default: {defaults.BUILTIN_MODEL}].",
                                               show_default=False)] = None,
-    kv_budget: KvBudgetOption = None,
     min_prefix_len: MinPrefixOption = None,
     max_levels: MaxLevelsOption = None,
     share: ShareOption = None,
@@ -242,16 +241,28 @@ def run(
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="Join this Ray cluster (e.g. auto); "
                                                     "--workers defaults to one per GPU there.",
                                                     show_default=False)] = None,
+    kv_budget: Annotated[str, typer.Option(help="KV-cache memory of the run (e.g. 12GiB), or auto: a share of "
+                                           "the free device memory (CUDA) or of available RAM (CPU) once the "
+                                           "weights are loaded. When run plans an input, a size also shapes "
+                                           "the plan's batches (as plan --kv-budget); a plan's own budget only "
+                                           "shaped its batches.")] = defaults.RUN_KV_BUDGET,
+    max_step_tokens: Annotated[int, typer.Option(min=1, help="Tokens one step computes: every running request's "
+                                                 "decode token, then prefill chunks up to this.")]
+    = defaults.MAX_STEP_TOKENS,
     json: JsonOption = False,
 ) -> None:
     """Execute a plan (or plan an input, then execute it): each shared prefix computed once, every result
     appended to the output as it finishes."""
     from batchrun.api import run_job
 
+    if (workers is not None or ray_address is not None) and (
+            kv_budget != defaults.RUN_KV_BUDGET or max_step_tokens != defaults.MAX_STEP_TOKENS):
+        raise UserError("--kv-budget and --max-step-tokens apply to a single-process run; with --workers "
+                        "each worker runs with the plan's budget", exit_code=EXIT_USAGE)
     outcome = run_job(source, output, plan=plan_path, input=input, errors=errors, model=model, dtype=dtype,
-                      config=_planner_config(kv_budget, min_prefix_len, max_levels, share, always=False),
+                      config=_planner_config(None, min_prefix_len, max_levels, share, always=False),
                       device=device, threads=threads, workers=workers, ray_address=ray_address, download=download,
-                      console=err, is_ordered=ordered)
+                      console=err, is_ordered=ordered, kv_budget=kv_budget, max_step_tokens=max_step_tokens)
     summary = {"requests": outcome.num_requests, "resumed": outcome.num_resumed,
                "completed": outcome.num_completed, "failed": outcome.num_failed,
                "output_tokens": outcome.output_tokens, "wall_seconds": round(outcome.wall_seconds, 3),

@@ -2,8 +2,9 @@
 scheduler's admission, the distributed units' cost and the sub-plans' batches (numpy, no torch).
 
 A set of requests holds each distinct shared node it reads once (the node's segment) plus, per request, its own
-prompt tokens and its decode reservation. The reservation is max_tokens, held from admission to finish; it is
-the one term a run that reserves by use (tokens produced plus a look-ahead) would change.
+prompt tokens and its decode reservation, max_tokens: the worst case. The plan's batches and the distributed
+units' cost count it; a run does not (its KV grows with the tokens produced, engine/scheduler.py) and uses it
+only to reject a request that could not finish alone and to cap its pool.
 """
 
 from __future__ import annotations

@@ -18,8 +18,11 @@ METRICS_SUFFIX = ".metrics.jsonl"
 # a write per step would cost more than a small model's decode step, and a kill loses at most that much.
 STEP_FLUSH_STEPS = 256
 STEP_FLUSH_INTERVAL_S = 2.0
-STEP_FIELDS = ("t", "seconds", "num_running", "num_decode_tokens", "num_prefill_tokens", "kv_bytes")
-SUMMARY_FIELDS = ("wall_seconds", "prompt_tokens", "computed_prompt_tokens", "output_tokens", "peak_kv_bytes")
+# `kv_bytes` is the KV memory in use after the step's allocations; `num_preempted` the requests preempted to
+# make room for it (0 when a file written before preemption existed lacks it).
+STEP_FIELDS = ("t", "seconds", "num_running", "num_decode_tokens", "num_prefill_tokens", "kv_bytes", "num_preempted")
+SUMMARY_FIELDS = ("wall_seconds", "prompt_tokens", "computed_prompt_tokens", "output_tokens", "peak_kv_bytes",
+                  "num_preemptions")
 # A distributed run's per-worker record (besides node and device): the report derives its throughput.
 WORKER_FIELDS = ("worker", "units", "requests", "busy_seconds", "computed_prompt_tokens", "output_tokens")
 
@@ -57,7 +60,7 @@ class MetricsRecorder:
         self._append([orjson.dumps({"type": "run", "time": time.time(), **run_info})])
 
     def record_step(self, *, seconds: float, num_running: int, num_decode_tokens: int,
-                    num_prefill_tokens: int, kv_bytes: int, t: float | None = None,
+                    num_prefill_tokens: int, kv_bytes: int, num_preempted: int = 0, t: float | None = None,
                     worker: int | None = None) -> None:
         """A step that just ended; or, for a step a distributed worker ran, when it ended (`t`, seconds from
         the start of generation) and the `worker` that ran it."""
@@ -66,7 +69,7 @@ class MetricsRecorder:
         record = {
             "type": "step", "t": round(t, 6), "seconds": round(seconds, 6),
             "num_running": num_running, "num_decode_tokens": num_decode_tokens,
-            "num_prefill_tokens": num_prefill_tokens, "kv_bytes": kv_bytes,
+            "num_prefill_tokens": num_prefill_tokens, "kv_bytes": kv_bytes, "num_preempted": num_preempted,
         }
         if worker is not None:
             record["worker"] = worker
@@ -91,14 +94,14 @@ class MetricsRecorder:
         }))
 
     def close(self, *, wall_seconds: float, prompt_tokens: int, computed_prompt_tokens: int,
-              output_tokens: int, peak_kv_bytes: int) -> None:
+              output_tokens: int, peak_kv_bytes: int, num_preemptions: int = 0) -> None:
         """Ends the segment with its summary. `wall_seconds` is generation time (first step to last), not
         model loading; token counts are those of this segment."""
         assert self._fd is not None, "MetricsRecorder closed twice"
         self._buffer.append(orjson.dumps({
             "type": "summary", "time": time.time(), "wall_seconds": round(wall_seconds, 6),
             "prompt_tokens": prompt_tokens, "computed_prompt_tokens": computed_prompt_tokens,
-            "output_tokens": output_tokens, "peak_kv_bytes": peak_kv_bytes,
+            "output_tokens": output_tokens, "peak_kv_bytes": peak_kv_bytes, "num_preemptions": num_preemptions,
         }))
         self._finish()
 

@@ -69,7 +69,10 @@ def render_plan_groups(console: Console, plan: Plan, tokenizer: Any, *, limit: i
         first = int(members[0])
         chain = layout.forest.request_chain(first)
         levels = " → ".join(str(n) for n in layout.forest.segment_len[chain].tolist()) or "none"
-        ratio = max_tokens[members].sum() / max(1, lengths[members].sum())
+        forest = layout.forest  # the planner's key: decode tokens over the prefill computed (shared once)
+        prefill = (forest.segment_len[forest.read_nodes(members)].sum()
+                   + (lengths[members] - forest.own_start[members]).sum())
+        ratio = max_tokens[members].sum() / max(1, prefill)
         preview = ""
         if chain:
             top = plan.tokens[int(layout.node_request[chain[0]])][: min(24, int(layout.node_len[chain[0]]))]

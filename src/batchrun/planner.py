@@ -18,6 +18,13 @@ numpy step per skeleton node. Ties keep the node unshared (fewer levels). With m
 levels unlimited every skeleton node is chosen: each distinct prompt prefix is computed once. Cuts are only
 made at tree nodes: a cut inside an edge could let a child segment shorter than min_prefix_len qualify, but
 gains at most (m - 1) * min_prefix_len tokens there, and makes levels no system prompt or document has.
+
+One level (max_levels = 1) is BatchLLM's setting, where a chosen node need not be shared by its whole subtree:
+its long child g may become a top-level group of its own, computing the parent's tokens again, while the
+parent's other members stay a group (the paper's gain rule). Chosen nodes may then nest; each request reads
+its deepest chosen node, computed whole from token 0. The saving is the sum over requests of the depth they
+read, less each chosen node's depth; `_select_single_level` maximises it exactly (state: the depth of the
+nearest chosen ancestor), so no clustering into groups that each share their common prefix computes less.
 """
 
 from __future__ import annotations
@@ -172,12 +179,29 @@ def _shared_prefixes(tokens: TokenTable, config: PlannerConfig) -> _Shared:
         forest = PrefixForest(node_parent=empty, node_len=empty, request_node=np.full(num_requests, -1, np.int64))
         return _Shared(forest, empty, np.arange(num_requests, dtype=np.int64))
     tree = build_radix_tree(tokens, tokens.lengths - 1)
+    if config.max_levels == 1:
+        return _single_level(tree, _select_single_level(tree, min_prefix_len=config.min_prefix_len))
     is_shared = _select_levels(tree, min_prefix_len=config.min_prefix_len, max_levels=config.max_levels)
     tree_nodes = np.flatnonzero(is_shared)
     nearest = _nearest_shared(tree.node_parent, is_shared)  # [tree nodes] → shared node index or -1
     forest = PrefixForest.from_arrays(node_parent=nearest[tree.node_parent[tree_nodes]],
                                       node_len=tree.node_depth[tree_nodes], request_node=nearest[tree.request_node])
     return _Shared(forest, tree.node_ref[tree_nodes].astype(np.int64), tree.request_order.astype(np.int64))
+
+
+def _single_level(tree: RadixTree, is_shared: np.ndarray) -> _Shared:
+    """Every chosen node top-level, read by the requests whose deepest chosen node it is (a nested node's
+    members leave its ancestor's group): members are made contiguous by a stable sort of the preorder."""
+    tree_nodes = np.flatnonzero(is_shared)
+    request_node = _nearest_shared(tree.node_parent, is_shared)[tree.request_node]  # int64 [R]
+    dfs = tree.request_order.astype(np.int64)
+    dfs = dfs[np.argsort(request_node[dfs], kind="stable")]
+    node_request = np.empty(len(tree_nodes), np.int64)  # a member of each node: the first in the order
+    readers = dfs[request_node[dfs] >= 0]
+    node_request[request_node[readers][::-1]] = readers[::-1]
+    forest = PrefixForest.from_arrays(node_parent=np.full(len(tree_nodes), -1, np.int64),
+                                      node_len=tree.node_depth[tree_nodes], request_node=request_node)
+    return _Shared(forest, node_request, dfs)
 
 
 def _nearest_shared(tree_parent: np.ndarray, is_shared: np.ndarray) -> np.ndarray:
@@ -218,6 +242,51 @@ def _select_levels(tree: RadixTree, *, min_prefix_len: int, max_levels: int) -> 
         j, r = state[parent[x]]
         is_shared[x] = dp.take[x][j, r]
         state[x] = (level[x], r - int(consume)) if is_shared[x] else (j, r)
+    return is_shared
+
+
+def _select_single_level(tree: RadixTree, *, min_prefix_len: int) -> np.ndarray:
+    """bool [tree nodes]: the nodes chosen with one level, chosen nodes may nest (module docstring). For a
+    skeleton node x with nearest chosen ancestor at level j, value[j] is the best saving in x's subtree: its
+    requests not under a chosen node read the ancestor's depth; choosing x makes that x's depth, less its own."""
+    skeleton = np.flatnonzero(tree.node_num_requests >= 2)[1:].tolist()  # preorder, root left out
+    is_shared = np.zeros(tree.num_nodes, dtype=bool)
+    if not skeleton:
+        return is_shared
+    parent, depth, members = tree.node_parent.tolist(), tree.node_depth.tolist(), tree.node_num_requests.tolist()
+    level = {0: 0}
+    for x in skeleton:
+        level[x] = level[parent[x]] + 1
+    path_depth = np.zeros(max(level.values()) + 1, np.int64)  # depth of the open node at each level
+    child_value: dict[int, np.ndarray] = {}  # sum of the skeleton children's values, [level(x) + 1]
+    child_members: dict[int, int] = {}
+    take: dict[int, np.ndarray] = {}
+
+    def close(x: int) -> None:
+        lvl = level[x]
+        below = child_value.pop(x, np.zeros(lvl + 1, np.int64))
+        direct = members[x] - child_members.pop(x, 0)  # requests under x but under no skeleton child
+        skip = below[:lvl] + direct * path_depth[:lvl]
+        chosen = below[lvl] + direct * depth[x] - depth[x] if depth[x] >= min_prefix_len else -1
+        take[x] = chosen > skip  # ties keep the node unshared; a member-less or one-member choice never wins
+        value = np.maximum(skip, chosen)
+        p = parent[x]
+        child_value[p] = child_value[p] + value if p in child_value else value
+        child_members[p] = child_members.get(p, 0) + members[x]
+
+    stack: list[int] = []
+    for x in skeleton:
+        while stack and level[stack[-1]] >= level[x]:
+            close(stack.pop())
+        path_depth[level[x]] = depth[x]
+        stack.append(x)
+    while stack:
+        close(stack.pop())
+    state = {0: 0}  # per node: level of the nearest chosen ancestor below it
+    for x in skeleton:
+        j = state[parent[x]]
+        is_shared[x] = take[x][j]
+        state[x] = level[x] if is_shared[x] else j
     return is_shared
 
 
@@ -266,13 +335,17 @@ class _Groups(NamedTuple):
 
 def _order_groups(forest: PrefixForest, dfs: np.ndarray, prompt_len: np.ndarray, max_tokens: np.ndarray
                   ) -> _Groups:
-    """Top-level nodes and lone requests as groups, by decode ratio (largest first, ties by first input index)."""
+    """Top-level nodes and lone requests as groups, by decode ratio (largest first, ties by first input index):
+    a group's decode tokens over the prefill it really computes (each shared segment once, then the members'
+    own tokens), so a group whose members share a long prefix counts as the decode-heavy work it is."""
     num_requests = len(dfs)
     if num_requests == 0:
         return _Groups(dfs, np.zeros(1, np.int64))
     starts = forest.group_starts(dfs)
-    decode = np.add.reduceat(max_tokens[dfs], starts).astype(np.float64)
-    ratio = decode / np.add.reduceat(prompt_len[dfs], starts)
+    ends = np.append(starts[1:], num_requests)
+    ranges = KVAccounting(forest, prompt_len=prompt_len, max_tokens=max_tokens).ranges(dfs)
+    prefill = ranges.prefill_base[starts] + ranges.cum_prefill[ends]  # RangeCost.prefill, vectorised
+    ratio = np.add.reduceat(max_tokens[dfs], starts).astype(np.float64) / prefill
     first_index = np.minimum.reduceat(dfs, starts)
     by_ratio = np.lexsort((first_index, -ratio))
     size = np.diff(np.append(starts, num_requests))[by_ratio]

@@ -24,11 +24,13 @@ from batchrun.plan_checks import check_plan, check_plan_tokens
 from batchrun.planfile import load_plan
 from batchrun.progress import ProgressMetrics, ProgressWriter
 from batchrun.requests import file_fingerprint
+from batchrun.sizes import human_bytes
 
 if TYPE_CHECKING:
     import torch
 
     from batchrun.engine.engine import Engine
+    from batchrun.kv_budget import KVBudget
 
 
 @dataclass(frozen=True)
@@ -152,18 +154,30 @@ def _claim(plan: Plan, plan_path: Path, output: Path, *, errors_path: Path | Non
 
 def run_plan_file(plan_path: Path, output: Path, *, errors_path: Path | None, model: str | None, device: str,
                   console: Console, threads: int | None = None, input_path: Path | None = None,
-                  is_ordered: bool = False) -> RunOutcome:
+                  is_ordered: bool = False, kv_budget: str = defaults.RUN_KV_BUDGET,
+                  max_step_tokens: int = defaults.MAX_STEP_TOKENS) -> RunOutcome:
+    """`kv_budget`: "auto" (sized from the machine once the weights are loaded) or a size; the plan's own
+    budget only shaped its batches. The budget used is printed to `console` and kept in the metrics file."""
+    from batchrun.kv_budget import parse_kv_budget
     from batchrun.tokenizer import load_tokenizer
 
+    given_kv_budget = parse_kv_budget(kv_budget)  # a bad option fails before anything is loaded
     plan = load_plan(plan_path)
     spec = plan_model(plan, plan_path=plan_path, model=model, input_path=input_path)
     # before the slow model load: a mistake fails fast
     check_output(plan, plan_path, output, errors_path=errors_path, input_path=input_path)
-    engine, torch_device = prepare_engine(plan, spec, load_tokenizer(spec), device=device, threads=threads)
-    with open_run(plan, plan_path, output, errors_path=errors_path, spec=spec, device=str(torch_device),
-                  console=console, input_path=input_path, is_ordered=is_ordered) as run:
+    prepared = prepare_engine(plan, spec, load_tokenizer(spec), device=device, threads=threads,
+                              kv_budget=given_kv_budget, max_step_tokens=max_step_tokens)
+    console.print(f"KV budget {human_bytes(prepared.kv_budget.num_bytes)} ({prepared.kv_budget.how}): "
+                  f"{prepared.kv_budget.num_bytes // spec.config.kv_bytes_per_token:,} tokens; up to "
+                  f"{max_step_tokens} tokens a step", highlight=False)
+    with open_run(plan, plan_path, output, errors_path=errors_path, spec=spec, device=str(prepared.device),
+                  console=console, input_path=input_path, is_ordered=is_ordered,
+                  kv_budget_bytes=prepared.kv_budget.num_bytes, kv_budget_how=prepared.kv_budget.how,
+                  max_step_tokens=max_step_tokens) as run:
         start = time.perf_counter()
-        summary = engine.run(run.progress, ProgressMetrics(run.metrics, run.progress), skip_ids=run.skip_ids(plan))
+        summary = prepared.engine.run(run.progress, ProgressMetrics(run.metrics, run.progress),
+                                      skip_ids=run.skip_ids(plan))
         wall = time.perf_counter() - start
     return RunOutcome(num_requests=run.total, num_resumed=run.num_resumed, num_completed=summary.num_completed,
                       num_failed=run.progress.num_failed, num_resumed_failed=run.num_resumed_failed,
@@ -173,15 +187,19 @@ def run_plan_file(plan_path: Path, output: Path, *, errors_path: Path | None, mo
 class PreparedEngine(NamedTuple):
     engine: Engine
     device: torch.device
+    kv_budget: KVBudget  # what the engine runs with, and how it was chosen
 
 
-def prepare_engine(plan: Plan, spec: ModelSpec, tokenizer: Any, *, device: str,
-                   threads: int | None) -> PreparedEngine:
-    """The model loaded on `device` ('auto', 'cpu' or 'cuda') and an Engine over `plan` with its backend."""
+def prepare_engine(plan: Plan, spec: ModelSpec, tokenizer: Any, *, device: str, threads: int | None,
+                   kv_budget: int | None = None,
+                   max_step_tokens: int = defaults.MAX_STEP_TOKENS) -> PreparedEngine:
+    """The model loaded on `device` ('auto', 'cpu' or 'cuda') and an Engine over `plan` with its backend;
+    `kv_budget` in bytes, or None: sized from the machine once the weights are loaded (kv_budget.py)."""
     import torch
 
     from batchrun.attention import select_backend
     from batchrun.engine.engine import Engine
+    from batchrun.kv_budget import resolve_kv_budget
     from batchrun.model.loader import load_model
 
     torch_device = resolve_device(device)
@@ -190,6 +208,7 @@ def prepare_engine(plan: Plan, spec: ModelSpec, tokenizer: Any, *, device: str,
         # thread per free core is many times faster than one per core.
         torch.set_num_threads(threads)
     loaded = load_model(spec, device=torch_device)
-    engine = Engine(loaded, tokenizer, plan, kv_budget_bytes=plan.header.params.kv_budget_bytes,
+    budget = resolve_kv_budget(kv_budget, device=torch_device, config=spec.config, max_step_tokens=max_step_tokens)
+    engine = Engine(loaded, tokenizer, plan, kv_budget_bytes=budget.num_bytes, max_step_tokens=max_step_tokens,
                     backend=select_backend(torch_device))
-    return PreparedEngine(engine, torch_device)
+    return PreparedEngine(engine, torch_device, budget)

@@ -36,13 +36,14 @@ class Steps:
     num_running: np.ndarray  # int64[S]
     num_decode_tokens: np.ndarray  # int64[S]
     num_prefill_tokens: np.ndarray  # int64[S]
-    kv_bytes: np.ndarray  # int64[S]
+    kv_bytes: np.ndarray  # int64[S]: KV memory in use after the step
+    num_preempted: np.ndarray  # int64[S]: requests preempted to make room for the step
 
     @staticmethod
-    def from_rows(rows: list[tuple[float, float, int, int, int, int]]) -> Steps:
+    def from_rows(rows: list[tuple[float, float, int, int, int, int, int]]) -> Steps:
         a = np.array(rows, dtype=np.float64).reshape(-1, len(STEP_FIELDS))
         ints = a[:, 2:].astype(np.int64)
-        return Steps(a[:, 0], a[:, 1], ints[:, 0], ints[:, 1], ints[:, 2], ints[:, 3])
+        return Steps(a[:, 0], a[:, 1], ints[:, 0], ints[:, 1], ints[:, 2], ints[:, 3], ints[:, 4])
 
     @staticmethod
     def concat(parts: Sequence[Steps], offsets: Sequence[float]) -> Steps:
@@ -51,7 +52,7 @@ class Steps:
         cat = lambda name: np.concatenate([getattr(p, name) for p in parts])
         t = np.concatenate([p.t + off for p, off in zip(parts, offsets, strict=True)])
         return Steps(t, cat("seconds"), cat("num_running"), cat("num_decode_tokens"),
-                     cat("num_prefill_tokens"), cat("kv_bytes"))
+                     cat("num_prefill_tokens"), cat("kv_bytes"), cat("num_preempted"))
 
     def __len__(self) -> int:
         return len(self.t)
@@ -74,6 +75,7 @@ class SegmentTotals(NamedTuple):
     computed_prompt_tokens: int
     output_tokens: int
     peak_kv_bytes: int
+    num_preemptions: int
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,12 @@ class Segment:
     def peak_kv_bytes(self) -> int:
         peak = int(self.steps.kv_bytes.max()) if len(self.steps) else 0
         return max(peak, int(self.summary.peak_kv_bytes)) if self.summary is not None else peak
+
+    @property
+    def num_preemptions(self) -> int:
+        if self.summary is not None:
+            return int(self.summary.num_preemptions)
+        return int(self.steps.num_preempted.sum())
 
 
 @dataclass(frozen=True)
@@ -155,6 +163,17 @@ class Report:
     @property
     def peak_kv_bytes(self) -> int:
         return max((s.peak_kv_bytes for s in self.segments), default=0)
+
+    @property
+    def num_preemptions(self) -> int:
+        return sum(s.num_preemptions for s in self.segments)
+
+    @property
+    def mean_kv_bytes(self) -> float:
+        """KV in use, averaged over time (each step weighted by its seconds): how full the pool was kept."""
+        steps = self.steps
+        total = float(steps.seconds.sum())
+        return float((steps.kv_bytes * steps.seconds).sum() / total) if total > 0 else 0.0
 
     @property
     def kv_budget_bytes(self) -> int | None:
@@ -206,7 +225,7 @@ def load_segments(path: Path) -> list[Segment]:
     """The run segments of a metrics file, in file order; UserError naming the line when it is not one."""
     segments: list[Segment] = []
     run: dict[str, Any] | None = None
-    rows: list[tuple[float, float, int, int, int, int]] = []
+    rows: list[tuple[float, float, int, int, int, int, int]] = []
     summary: SegmentTotals | None = None
     workers: list[dict[str, Any]] = []
 
@@ -244,8 +263,12 @@ def load_segments(path: Path) -> list[Segment]:
     return segments
 
 
+# Fields that metrics files written before preemption existed lack: they read as 0.
+_ADDED_FIELDS = {"num_preempted": 0, "num_preemptions": 0}
+
+
 def _number(rec: dict[str, Any], key: str, where: str) -> float:
-    value = rec.get(key)
+    value = rec.get(key, _ADDED_FIELDS.get(key))
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise UserError(f"{where}: field {key!r} is {'missing' if value is None else 'not a number'}")
     return value
@@ -313,6 +336,9 @@ def report_json(report: Report) -> dict[str, Any]:
         "peak_kv_bytes": report.peak_kv_bytes,
         "kv_budget_bytes": budget,
         "peak_kv_share": report.peak_kv_bytes / budget if budget else None,
+        "mean_kv_bytes": report.mean_kv_bytes,
+        "mean_kv_share": report.mean_kv_bytes / budget if budget else None,
+        "num_preemptions": report.num_preemptions,
         "num_segments": len(report.segments),
         "num_killed_segments": report.num_killed_segments,
         "num_steps": len(steps),

@@ -50,6 +50,8 @@ _ROWS: tuple[tuple[str, str, str], ...] = (
     ("output tokens/s", "output_tokens_per_s", "{:,.1f}"),
     ("total tokens/s", "tokens_per_s", "{:,.1f}"),
     ("peak KV", "peak_kv_bytes", "bytes"),
+    ("mean KV in use", "mean_kv_bytes", "bytes"),
+    ("preemptions", "num_preemptions", "{:,}"),
     ("mean batch size", "mean_batch_size", "{:.1f}"),
     ("mean tokens/step", "mean_tokens_per_step", "{:.1f}"),
     ("steps", "num_steps", "{:,}"),
@@ -70,7 +72,8 @@ def _summary_table(report: Report) -> Table:
     for label, key, fmt in _ROWS:
         table.add_row(label, _fmt(data[key], fmt))
     if data["kv_budget_bytes"]:
-        table.add_row("KV budget", f"{human_bytes(data['kv_budget_bytes'])} (peak {data['peak_kv_share']:.0%})")
+        table.add_row("KV budget", f"{human_bytes(data['kv_budget_bytes'])} (peak {data['peak_kv_share']:.0%}, "
+                                   f"mean {data['mean_kv_share']:.0%})")
     if data["num_killed_segments"] or data["num_segments"] > 1:
         table.add_row("run segments", f"{data['num_segments']} ({data['num_killed_segments']} killed)")
     return table
@@ -80,7 +83,8 @@ def _over_time_table(report: Report) -> Table:
     steps = report.steps
     table = Table(title="over time")
     # Headers are words that wrap when a narrow console squeezes the columns ("tokens/step" was cut to "tokens/…").
-    for name in ("from s", "to s", "steps", "mean batch", "tokens per step", "prefill tok", "output tok/s", "peak KV"):
+    for name in ("from s", "to s", "steps", "mean batch", "tokens per step", "prefill tok", "output tok/s", "mean KV",
+                 "peak KV", "preempted"):
         table.add_column(name, justify="right")
     edges = np.linspace(0.0, float(steps.t[-1]), _NUM_WINDOWS + 1)
     tf = "{:.1f}" if edges[-1] >= 10 else "{:.2f}"
@@ -95,7 +99,8 @@ def _over_time_table(report: Report) -> Table:
             tf.format(edges[w]), tf.format(edges[w + 1]), f"{int(sel.sum()):,}",
             f"{steps.num_running[sel].mean():.1f}", f"{tokens.mean():.1f}",
             f"{int(steps.num_prefill_tokens[sel].sum()):,}",
-            f"{steps.num_decode_tokens[sel].sum() / span:,.1f}", human_bytes(int(steps.kv_bytes[sel].max())),
+            f"{steps.num_decode_tokens[sel].sum() / span:,.1f}", human_bytes(float(steps.kv_bytes[sel].mean())),
+            human_bytes(int(steps.kv_bytes[sel].max())), f"{int(steps.num_preempted[sel].sum()):,}",
         )
     return table
 
@@ -131,7 +136,8 @@ def _comparison_table(reports: Sequence[Report]) -> Table:
 
 
 def plot_report(reports: Report | Sequence[Report], path: str | os.PathLike[str]) -> Path:
-    """A PNG: output tokens/s and batch size over the run, and each run's prefill/decode/other time."""
+    """A PNG: output tokens/s, batch size and KV in use over the run (preemptions marked), and each run's
+    prefill/decode/other time."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -142,15 +148,17 @@ def plot_report(reports: Report | Sequence[Report], path: str | os.PathLike[str]
     # Figure + the Agg canvas directly: no pyplot, so no global backend or figure state is touched.
     fig = Figure(figsize=(10, 9), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
-    ax_tput, ax_batch, ax_split = fig.subplots(3, 1)
+    ax_tput, ax_batch, ax_kv, ax_split = fig.subplots(4, 1)
     for r in reports:
         steps = r.steps
         if len(steps):
             centers, rate = _binned_rate(steps)
             ax_tput.plot(centers, rate, label=r.name)
             ax_batch.step(steps.t, steps.num_running, where="post", label=r.name)
+            _plot_kv(ax_kv, r)
     ax_tput.set(title="output tokens/s", xlabel="seconds", ylabel="tokens/s")
     ax_batch.set(title="batch size (running requests)", xlabel="seconds", ylabel="requests")
+    ax_kv.set(title="KV in use (dashed: the budget; x: preemptions)", xlabel="seconds", ylabel="MiB")
     names = [r.name for r in reports]
     split = np.array([[report_json(r)[k] for k in ("prefill_seconds", "decode_seconds", "other_seconds")]
                       for r in reports])
@@ -159,11 +167,21 @@ def plot_report(reports: Report | Sequence[Report], path: str | os.PathLike[str]
         ax_split.barh(names, split[:, i], left=left, label=label, color=color)
         left += split[:, i]
     ax_split.set(title="wall time split", xlabel="seconds")
-    for ax in (ax_tput, ax_batch, ax_split):
+    for ax in (ax_tput, ax_batch, ax_kv, ax_split):
         ax.legend(loc="best", fontsize="small")
     path = Path(path)
     fig.savefig(path, format="png")
     return path
+
+
+def _plot_kv(ax: Any, report: Report) -> None:
+    steps, mib = report.steps, float(1 << 20)
+    (line,) = ax.step(steps.t, steps.kv_bytes / mib, where="post", label=report.name)
+    if report.kv_budget_bytes:
+        ax.axhline(report.kv_budget_bytes / mib, color=line.get_color(), linestyle="--", linewidth=0.8)
+    is_preempting = steps.num_preempted > 0
+    if is_preempting.any():
+        ax.plot(steps.t[is_preempting], steps.kv_bytes[is_preempting] / mib, "x", color=line.get_color())
 
 
 def _binned_rate(steps: Steps) -> tuple[np.ndarray, np.ndarray]:

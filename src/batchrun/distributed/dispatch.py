@@ -223,7 +223,8 @@ class Dispatcher:
         for s in batch.steps:
             self.metrics.record_step(seconds=s.seconds, num_running=s.num_running,
                                      num_decode_tokens=s.num_decode_tokens, num_prefill_tokens=s.num_prefill_tokens,
-                                     kv_bytes=s.kv_bytes, t=max(0.0, s.time - self.start_time),
+                                     kv_bytes=s.kv_bytes, num_preempted=s.num_preempted,
+                                     t=max(0.0, s.time - self.start_time),
                                      worker=unit.worker.index)
             unit.step_prefill_tokens += s.num_prefill_tokens
             unit.step_decode_tokens += s.num_decode_tokens

@@ -28,6 +28,7 @@ class StepRecord(NamedTuple):
     num_decode_tokens: int
     num_prefill_tokens: int
     kv_bytes: int
+    num_preempted: int
 
 
 class Result(NamedTuple):

@@ -93,9 +93,9 @@ class _Sink:
         self._maybe_flush()
 
     def record_step(self, *, seconds: float, num_running: int, num_decode_tokens: int, num_prefill_tokens: int,
-                    kv_bytes: int) -> None:
+                    kv_bytes: int, num_preempted: int) -> None:
         self.batch.steps.append(StepRecord(time.time(), seconds, num_running, num_decode_tokens,
-                                           num_prefill_tokens, kv_bytes))
+                                           num_prefill_tokens, kv_bytes, num_preempted))
         self._maybe_flush()
 
     def close(self, **summary: float) -> None:

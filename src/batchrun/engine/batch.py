@@ -11,7 +11,7 @@ from typing import NamedTuple
 import numpy as np
 
 from batchrun.attention.base import CascadeInput, OwnPart, PrefixPart
-from batchrun.engine.scheduler import Step
+from batchrun.engine.scheduler import Chunk, Step
 from batchrun.forest import PrefixForest, at_node
 from batchrun.tokens import TokenTable
 
@@ -47,9 +47,13 @@ class BatchBuilder:
         prompt_len: np.ndarray,
         num_generated: np.ndarray,
         last_token: np.ndarray,
+        output_ids: list[list[int]],
         request_slots: list[np.ndarray | None],
         node_slots: list[np.ndarray | None],
     ) -> StepBatch:
+        """A request's slots hold its own KV up to and including this step's rows (the engine allocates a
+        decode row's slot before building); a request chunk past its prompt recomputes generated tokens
+        (after a preemption), read from `output_ids`."""
         decode, chunks = step.decode, step.chunks
         num_decode = len(decode)
         # Items: decode requests, then chunks. Per item: rows, own KV, where its tokens sit in its slots.
@@ -70,6 +74,7 @@ class BatchBuilder:
         kv_indptr = _indptr(item_kv_len)
         own_slots = [request_slots[r] for r in decode.tolist()]
         own_slots += [node_slots[c.index] if c.is_node else request_slots[c.index] for c in chunks]
+        assert all(len(s) >= n for s, n in zip(own_slots, item_kv_len.tolist(), strict=True)), "KV not allocated"
         kv_indices = _concat([s[:n] for s, n in zip(own_slots, item_kv_len.tolist(), strict=True)])
 
         # An item's rows are the last q_len keys of its own KV: they write their k, v there.
@@ -79,7 +84,8 @@ class BatchBuilder:
 
         spans = list(zip(chunk_start.tolist(), chunk_end.tolist(), strict=True))
         token_row_start = np.where(chunk_is_node, at_node(self.node_token_start, node_of), self.token_start[request_of])
-        chunk_ids = [self.tokens[t + a : t + b] for t, (a, b) in zip(token_row_start.tolist(), spans, strict=True)]
+        chunk_ids = [self._chunk_tokens(c, t, prompt_len, output_ids)
+                     for c, t in zip(chunks, token_row_start.tolist(), strict=True)]
         input_ids = _concat([last_token[decode], *chunk_ids])
         positions = _concat([decode_pos, *(np.arange(a, b) for a, b in spans)])
 
@@ -111,6 +117,17 @@ class BatchBuilder:
             num_decode=num_decode,
             num_prefill=num_rows - num_decode,
         )
+
+    def _chunk_tokens(self, chunk: Chunk, row_start: int, prompt_len: np.ndarray, output_ids: list[list[int]]
+                      ) -> np.ndarray:
+        """A chunk's input ids: from the token table, then (a recompute past the prompt) from the outputs."""
+        if chunk.is_node or chunk.end <= prompt_len[chunk.index]:
+            return self.tokens[row_start + chunk.start : row_start + chunk.end]
+        p = int(prompt_len[chunk.index])
+        generated = output_ids[chunk.index][max(chunk.start, p) - p : chunk.end - p]
+        assert len(generated) == chunk.end - max(chunk.start, p), "recomputes only tokens already generated"
+        return np.concatenate([self.tokens[row_start + min(chunk.start, p) : row_start + p],
+                               np.asarray(generated, self.tokens.dtype)])
 
 
 def _prefix_part(

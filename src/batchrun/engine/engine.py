@@ -55,7 +55,14 @@ class Writer(Protocol):
 
 class Metrics(Protocol):
     def record_step(
-        self, *, seconds: float, num_running: int, num_decode_tokens: int, num_prefill_tokens: int, kv_bytes: int
+        self,
+        *,
+        seconds: float,
+        num_running: int,
+        num_decode_tokens: int,
+        num_prefill_tokens: int,
+        kv_bytes: int,
+        num_preempted: int,
     ) -> None: ...
 
     def close(
@@ -66,6 +73,7 @@ class Metrics(Protocol):
         computed_prompt_tokens: int,
         output_tokens: int,
         peak_kv_bytes: int,
+        num_preemptions: int,
     ) -> None: ...
 
 
@@ -77,8 +85,9 @@ class RunSummary:
     prompt_tokens: int  # prompt tokens of the requests run (completed or failed)
     computed_prompt_tokens: int  # prompt tokens prefilled: each shared segment once, plus own parts
     output_tokens: int
-    peak_kv_bytes: int  # the most KV memory the admitted work held at once
+    peak_kv_bytes: int  # the most KV memory the running work held at once
     wall_seconds: float  # first step to last
+    num_preemptions: int = 0  # requests that lost their KV to make room and were recomputed
 
 
 class Engine:
@@ -95,13 +104,17 @@ class Engine:
         backend: AttentionBackend | None = None,
         seed: int = defaults.RUN_SEED,
         eos_token_ids: tuple[int, ...] | None = None,
+        reserve_max_tokens: bool = False,
     ) -> None:
+        """`reserve_max_tokens`: admit by own prompt + max_tokens reserved up front (the rule before KV grew on
+        demand; kept to measure against)."""
         self.model = model
         self.tokenizer = tokenizer
         self.plan = plan
         self.config = model.config
         self.kv_budget_bytes = kv_budget_bytes
         self.max_step_tokens = max_step_tokens
+        self.reserve_max_tokens = reserve_max_tokens
         self.backend = backend or select_backend(model.device)
         self.seed = seed
         self.eos_token_ids = tuple(self.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
@@ -131,6 +144,7 @@ class _Counts:
     computed_prompt_tokens: int = 0
     output_tokens: int = 0
     peak_kv_tokens: int = 0
+    num_preemptions: int = 0
 
 
 class _Run:
@@ -155,7 +169,8 @@ class _Run:
             kv=kv,
             order=layout.order,
             is_skipped=is_skipped,
-            config=SchedulerConfig(num_slots=self._num_slots(kv, is_skipped), max_step_tokens=engine.max_step_tokens),
+            config=SchedulerConfig(num_slots=self._num_slots(kv, is_skipped), max_step_tokens=engine.max_step_tokens,
+                                   reserve_max_tokens=engine.reserve_max_tokens),
         )
         self.kv = KVCache(
             num_layers=cfg.num_layers,
@@ -185,8 +200,8 @@ class _Run:
                                            eos_token_ids=engine.eos_token_ids)
 
     def _num_slots(self, kv: KVAccounting, is_skipped: np.ndarray) -> int:
-        """The budget in tokens, capped at what the plan could ever hold at once (a small job on a large
-        budget does not allocate the whole budget)."""
+        """The budget in tokens, capped at what the plan could ever hold at once, every request at max_tokens
+        (a small job on a large budget does not allocate the whole budget)."""
         by_budget = self.engine.kv_budget_bytes // self.engine.config.kv_bytes_per_token
         return int(min(by_budget, kv.request_tokens[~is_skipped].sum() + kv.node_tokens.sum()))
 
@@ -196,6 +211,7 @@ class _Run:
         start = t0 = time.perf_counter()
         while (step := self.scheduler.schedule()) is not None:
             self._admit(step)
+            num_kv_tokens = self.scheduler.num_used  # the step's peak: before its finished requests free theirs
             if len(step.decode) or step.chunks:
                 self._step(step)
             t1 = time.perf_counter()
@@ -205,25 +221,32 @@ class _Run:
                     num_running=self.scheduler.num_running,
                     num_decode_tokens=len(step.decode),
                     num_prefill_tokens=sum(c.end - c.start for c in step.chunks),
-                    kv_bytes=self.scheduler.num_reserved * self.kv.bytes_per_token,
+                    kv_bytes=num_kv_tokens * self.kv.bytes_per_token,
+                    num_preempted=len(step.preempted),
                 )
             t0 = t1
         assert self.kv.allocator.num_used == 0, "KV slots leaked"
         return self._close(time.perf_counter() - start)
 
     def _admit(self, step: Step) -> None:
+        """Applies the step's frees, preemptions and admissions to the pool, then gives each decode row the
+        slot its token is written to."""
         alloc, state = self.kv.allocator, self.state
         for n in step.freed_nodes:
             alloc.free(state.release_node(n))
+        for r in step.preempted:
+            alloc.free(state.preempt(r))  # its outputs, sampler stream and stop state carry on
         for r in step.rejected:
-            self._fail(r, "kv_budget_exceeded", f"the request needs more KV memory than the budget of "
-                       f"{self.engine.kv_budget_bytes} bytes holds (raise --kv-budget)")
+            self._fail(r, "kv_budget_exceeded", f"the request's prompt plus max_tokens need more KV memory than "
+                       f"the budget of {self.engine.kv_budget_bytes} bytes holds (raise --kv-budget)")
         for n in step.admitted_nodes:
             state.hold_node(n, alloc.alloc(self.scheduler.node_tokens(n)))
         for r in step.admitted:
-            state.hold_request(r, alloc.alloc(self.scheduler.request_tokens(r)))
-            self.counts.prompt_tokens += int(self.engine.prompt_len[r])
-        self.counts.peak_kv_tokens = max(self.counts.peak_kv_tokens, self.scheduler.num_reserved)
+            state.hold_request(r, alloc.alloc(self.scheduler.own_tokens(r)))
+        state.grow(step.decode, alloc.alloc(len(step.decode)))
+        assert alloc.num_used == self.scheduler.num_used, "the pool holds what the scheduler counts"
+        self.counts.num_preemptions += len(step.preempted)
+        self.counts.peak_kv_tokens = max(self.counts.peak_kv_tokens, self.scheduler.num_used)
 
     def _step(self, step: Step) -> None:
         state, counts = self.state, self.counts
@@ -232,6 +255,7 @@ class _Run:
             prompt_len=self.engine.prompt_len,
             num_generated=state.num_generated,
             last_token=state.last_token,
+            output_ids=state.output_ids,
             request_slots=state.request_slots,
             node_slots=state.node_slots,
         )
@@ -270,6 +294,7 @@ class _Run:
                 computed_prompt_tokens=summary.computed_prompt_tokens,
                 output_tokens=summary.output_tokens,
                 peak_kv_bytes=summary.peak_kv_bytes,
+                num_preemptions=summary.num_preemptions,
             )
         return summary
 
@@ -290,6 +315,7 @@ class _Run:
             self._release(r)
 
     def _release(self, r: int) -> None:
+        self.counts.prompt_tokens += int(self.engine.prompt_len[r])
         alloc = self.kv.allocator
         alloc.free(self.state.release_request(r))
         for n in self.scheduler.finish(r):
