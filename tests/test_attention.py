@@ -1,5 +1,6 @@
-"""The torch cascade path (prefix parts per depth + own part + LSE merges) against plain float64 attention over
-each row's concatenated KV, on random shapes, GQA, multi-level prefixes, chunked prefill and empty parts."""
+"""The torch cascade path (prefix parts per depth + own part + LSE merges, through the step-level interface)
+against plain float64 attention over each row's concatenated KV, on random shapes, GQA, multi-level prefixes,
+chunked prefill and empty parts."""
 
 from __future__ import annotations
 
@@ -21,20 +22,31 @@ def _host(a: torch.Tensor) -> np.ndarray:
     return a.detach().cpu().numpy()
 
 
+def _no_own() -> attn.OwnPart:
+    """An own part that owns no row."""
+    empty = np.zeros(0, np.int64)
+    return attn.OwnPart(q_indptr=np.zeros(1, np.int64), kv_indices=empty, kv_indptr=np.zeros(1, np.int64))
+
+
+def _attend(backend, q, k_cache, v_cache, *, own, prefixes=(), sm_scale):
+    step = attn.CascadeInput(num_rows=q.shape[0], own=own, prefixes=tuple(prefixes),
+                             gqa_ratio=q.shape[1] // k_cache.shape[1])
+    return backend.attend(backend.prepare(step), q, k_cache, v_cache, sm_scale=sm_scale)
+
+
 def prefix_attention(q, k_cache, v_cache, *, q_start, q_len, kv_indices, kv_indptr, sm_scale):
-    """A prefix part through the torch backend's public entries, with the metadata given as tensors."""
-    backend = _backend(q)
-    layout = backend.prepare_prefix(q_start=_host(q_start), q_len=_host(q_len), kv_indices=_host(kv_indices),
-                                    kv_indptr=_host(kv_indptr), gqa_ratio=q.shape[1] // k_cache.shape[1])
-    return backend.prefix(layout, q, k_cache, v_cache, sm_scale=sm_scale)
+    """A prefix part alone through the torch backend, with the metadata given as tensors; the state of its
+    segments' rows in segment order."""
+    part = attn.PrefixPart(_host(q_start), _host(q_len), _host(kv_indices), _host(kv_indptr))
+    o, lse = _attend(_backend(q), q, k_cache, v_cache, own=_no_own(), prefixes=[part], sm_scale=sm_scale)
+    rows = torch.cat([torch.arange(s, s + n) for s, n in zip(q_start.tolist(), q_len.tolist(), strict=True)])
+    return attn.AttentionState(o[rows], lse[rows])
 
 
 def own_attention(q, k_cache, v_cache, *, q_indptr, kv_indices, kv_indptr, sm_scale):
-    """The own part through the torch backend's public entries, with the metadata given as tensors."""
-    backend = _backend(q)
-    layout = backend.prepare_own(q_indptr=_host(q_indptr), kv_indices=_host(kv_indices), kv_indptr=_host(kv_indptr),
-                                 gqa_ratio=q.shape[1] // k_cache.shape[1])
-    return backend.own(layout, q, k_cache, v_cache, sm_scale=sm_scale)
+    """The own part alone through the torch backend, with the metadata given as tensors."""
+    own = attn.OwnPart(_host(q_indptr), _host(kv_indices), _host(kv_indptr))
+    return _attend(_backend(q), q, k_cache, v_cache, own=own, sm_scale=sm_scale)
 
 
 def _reference(q, k_cache, v_cache, keys_per_row, sm_scale):

@@ -1,20 +1,29 @@
 """Cascade attention: the prefix parts, the own part and the LSE merge, over a KV slot pool.
 
-`base` holds the interface, the attention state and its merge; `torch_backend` (with `torch_buckets`) and
-`triton_backend` implement it; `select_backend` picks one for a device.
+`base` holds the interface (the step's `CascadeInput`, `prepare` and `attend`), the attention state and its
+merge; `torch_backend` (with `torch_buckets`) and `triton_backend` implement it; `select_backend` picks one for
+a device.
 """
 
 from __future__ import annotations
 
 import torch
 
-from batchrun.attention.base import AttentionBackend, AttentionState, merge_state, merge_state_into
+from batchrun.attention.base import (
+    AttentionBackend,
+    AttentionState,
+    CascadeInput,
+    OwnPart,
+    PrefixPart,
+    merge_state,
+    merge_state_into,
+)
 from batchrun.attention.torch_backend import TorchBackend
 from batchrun.attention.triton_backend import TritonBackend
 
 __all__ = [
-    "AttentionBackend", "AttentionState", "TorchBackend", "TritonBackend", "merge_state", "merge_state_into",
-    "select_backend",
+    "AttentionBackend", "AttentionState", "CascadeInput", "OwnPart", "PrefixPart", "TorchBackend",
+    "TritonBackend", "merge_state", "merge_state_into", "select_backend",
 ]
 
 

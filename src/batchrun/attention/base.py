@@ -1,5 +1,6 @@
-"""The cascade attention interface: the attention state `(o, lse)` with the LSE in natural log, its merge, and
-the abstract backend the engine calls (once per step to lay out each attention part, per layer to run it).
+"""The cascade attention interface: the attention state `(o, lse)` with the LSE in natural log, its merge,
+the step's input (`CascadeInput`: the own part and one prefix part per depth), and the abstract backend the engine
+calls (`prepare` once per step on the host, `attend` once per layer).
 
 An empty part is `o = 0, lse = -inf`; merging two empty parts gives the same, never NaN.
 """
@@ -51,16 +52,43 @@ def merge_state_into(
     s.index_copy_(0, rows, merged.lse)
 
 
+class OwnPart(NamedTuple):
+    """Sequence s owns q rows `q_indptr[s] : q_indptr[s + 1]` and the KV slots `kv_indices[kv_indptr[s] :
+    kv_indptr[s + 1]]`; its query i of q_len sees own key j iff j <= kv_len - q_len + i."""
+
+    q_indptr: np.ndarray  # int64 [S + 1]
+    kv_indices: np.ndarray  # int64 [sum kv_len]
+    kv_indptr: np.ndarray  # int64 [S + 1]
+
+
+class PrefixPart(NamedTuple):
+    """Segment g: q rows `q_start[g] : q_start[g] + q_len[g]` attend non-causally to the slots `kv_indices[
+    kv_indptr[g] : kv_indptr[g + 1]]` (one shared depth: segments never overlap)."""
+
+    q_start: np.ndarray  # int64 [G]
+    q_len: np.ndarray  # int64 [G]
+    kv_indices: np.ndarray  # int64 [sum kv_len]
+    kv_indptr: np.ndarray  # int64 [G + 1]
+
+
+class CascadeInput(NamedTuple):
+    """One step's attention over q rows [0, num_rows): the own part and one prefix part per shared depth
+    (host arrays, built by engine/batch.py). `gqa_ratio` = query heads per KV head."""
+
+    num_rows: int
+    own: OwnPart
+    prefixes: tuple[PrefixPart, ...]
+    gqa_ratio: int
+
+
 Layout = TypeVar("Layout")
 
 
 class AttentionBackend(ABC, Generic[Layout]):
     """Cascade attention over a KV slot pool `k_cache, v_cache: [num_slots, Hkv, D]` addressed by slot indices.
 
-    Once per step, on the host: `prepare_prefix` and `prepare_own` turn a part's ragged metadata (numpy) into
-    the backend's `Layout`, which every layer reuses (so a layer's launches need no device sync). Per layer:
-    `prefix` and `own` run a layout over that layer's pool and return a new state; `merge_into` is the only
-    call that modifies its arguments (the own part's state, in place). `gqa_ratio` = query heads per KV head.
+    `prepare` runs once per step on the host and turns the step's `CascadeInput` into the backend's `Layout`,
+    which every layer reuses (so a layer's launches need no device sync); `attend` runs once per layer.
     """
 
     name: str
@@ -69,34 +97,12 @@ class AttentionBackend(ABC, Generic[Layout]):
         self.device = device
 
     @abstractmethod
-    def prepare_prefix(
-        self, *, q_start: np.ndarray, q_len: np.ndarray, kv_indices: np.ndarray, kv_indptr: np.ndarray, gqa_ratio: int
-    ) -> Layout:
-        """Segment g's rows `q[q_start[g] : q_start[g] + q_len[g]]` attend non-causally to the slots
-        `kv_indices[kv_indptr[g] : kv_indptr[g + 1]]`; output rows are the segments' rows in segment order."""
+    def prepare(self, step: CascadeInput) -> Layout:
+        """The step's layout, made once on the host."""
 
     @abstractmethod
-    def prepare_own(
-        self, *, q_indptr: np.ndarray, kv_indices: np.ndarray, kv_indptr: np.ndarray, gqa_ratio: int
-    ) -> Layout:
-        """Sequence s owns rows `q_indptr[s] : q_indptr[s + 1]` and the slots `kv_indices[kv_indptr[s] :
-        kv_indptr[s + 1]]`; query i of q_len sees key j iff j <= kv_len - q_len + i. Rows stay in place."""
-
-    @abstractmethod
-    def prefix(
+    def attend(
         self, layout: Layout, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, sm_scale: float
     ) -> AttentionState:
-        """A prefix part: q [N, Hq, D] → (o float32 [sum(q_len), Hq, D], lse float32 [sum(q_len), Hq])."""
-
-    @abstractmethod
-    def own(
-        self, layout: Layout, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, sm_scale: float
-    ) -> AttentionState:
-        """The own part: q [N, Hq, D] → (o float32 [N, Hq, D], lse float32 [N, Hq])."""
-
-    @abstractmethod
-    def merge_into(
-        self, o: torch.Tensor, lse: torch.Tensor, o_other: torch.Tensor, lse_other: torch.Tensor, *,
-        rows: torch.Tensor | slice,
-    ) -> None:
-        """In place: `o[rows], lse[rows] = merge_state(o[rows], lse[rows], o_other, lse_other)`."""
+        """q [N, Hq, D] and one layer's pool → (o float32 [N, Hq, D], lse float32 [N, Hq]): the own part and every
+        prefix depth merged; a row nothing reaches has o = 0, lse = -inf."""

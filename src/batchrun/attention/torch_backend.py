@@ -1,17 +1,24 @@
-"""The torch backend (CPU, and CUDA without Triton): each step's parts laid out into buckets (torch_buckets), and
-per layer one padded batch of attention per bucket, by torch's fused CPU kernel when it has one, else by
-matmuls; results are (o, lse).
+"""The torch backend (the reference, and CUDA without Triton): each step's parts laid out into buckets
+(torch_buckets), and per layer one padded batch of attention per bucket, by torch's fused CPU kernel when it has
+one, else by matmuls; the prefix depths are merged into the own part's (o, lse).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from batchrun.attention.base import AttentionBackend, AttentionState, merge_state_into
+from batchrun.attention.base import (
+    AttentionBackend,
+    AttentionState,
+    CascadeInput,
+    OwnPart,
+    PrefixPart,
+    merge_state_into,
+)
 from batchrun.attention.torch_buckets import Bucket, TorchPartLayout, layout_own, layout_prefix
 
 
@@ -32,9 +39,18 @@ def _fused_cpu_op() -> Any:
 _FUSED_CPU_OP = _fused_cpu_op()
 
 
-class TorchBackend(AttentionBackend[TorchPartLayout]):
-    """Pads each part's ragged metadata into buckets once per step; `compute_dtype` is the dtype of the masks,
-    which the attention computes in: float32 for float32, bfloat16 and float16 pools."""
+class TorchStepLayout(NamedTuple):
+    """A step laid out for the torch backend: the own part's buckets, and per prefix depth its buckets and the
+    q rows its output merges into (a slice when they are contiguous)."""
+
+    own: TorchPartLayout
+    prefixes: tuple[tuple[TorchPartLayout, torch.Tensor | slice], ...]
+
+
+class TorchBackend(AttentionBackend[TorchStepLayout]):
+    """Pads each part's ragged metadata into buckets once per step, runs them per layer and merges the prefix
+    depths into the own part's state; `compute_dtype` is the dtype of the masks, which the attention computes
+    in: float32 for float32, bfloat16 and float16 pools."""
 
     name = "torch"
 
@@ -42,35 +58,51 @@ class TorchBackend(AttentionBackend[TorchPartLayout]):
         super().__init__(device)
         self.compute_dtype = compute_dtype
 
-    def prepare_prefix(
-        self, *, q_start: np.ndarray, q_len: np.ndarray, kv_indices: np.ndarray, kv_indptr: np.ndarray, gqa_ratio: int
-    ) -> TorchPartLayout:
-        return layout_prefix(q_start=q_start, q_len=q_len, kv_indices=kv_indices, kv_indptr=kv_indptr,
-                             gqa_ratio=gqa_ratio, device=self.device, dtype=self.compute_dtype)
+    def prepare(self, step: CascadeInput) -> TorchStepLayout:
+        own = _cover_rows(step.own, step.num_rows)
+        own_layout = layout_own(q_indptr=own.q_indptr, kv_indices=own.kv_indices, kv_indptr=own.kv_indptr,
+                                gqa_ratio=step.gqa_ratio, device=self.device, dtype=self.compute_dtype)
+        prefixes = tuple(
+            (
+                layout_prefix(q_start=p.q_start, q_len=p.q_len, kv_indices=p.kv_indices, kv_indptr=p.kv_indptr,
+                              gqa_ratio=step.gqa_ratio, device=self.device, dtype=self.compute_dtype),
+                self._segment_rows(p),
+            )
+            for p in step.prefixes
+        )
+        return TorchStepLayout(own_layout, prefixes)
 
-    def prepare_own(
-        self, *, q_indptr: np.ndarray, kv_indices: np.ndarray, kv_indptr: np.ndarray, gqa_ratio: int
-    ) -> TorchPartLayout:
-        return layout_own(q_indptr=q_indptr, kv_indices=kv_indices, kv_indptr=kv_indptr, gqa_ratio=gqa_ratio,
-                          device=self.device, dtype=self.compute_dtype)
-
-    def prefix(
-        self, layout: TorchPartLayout, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
+    def attend(
+        self, layout: TorchStepLayout, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
         sm_scale: float,
     ) -> AttentionState:
-        return run_layout(layout, q, k_cache, v_cache, sm_scale=sm_scale)
+        o, lse = run_layout(layout.own, q, k_cache, v_cache, sm_scale=sm_scale)
+        for part, rows in layout.prefixes:
+            o_p, lse_p = run_layout(part, q, k_cache, v_cache, sm_scale=sm_scale)
+            merge_state_into(o, lse, o_p, lse_p, rows=rows)
+        return AttentionState(o, lse)
 
-    def own(
-        self, layout: TorchPartLayout, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
-        sm_scale: float,
-    ) -> AttentionState:
-        return run_layout(layout, q, k_cache, v_cache, sm_scale=sm_scale)
+    def _segment_rows(self, part: PrefixPart) -> torch.Tensor | slice:
+        """The q rows of a prefix part's segments in segment order (its layout's output rows)."""
+        q_start, q_len = np.asarray(part.q_start, np.int64), np.asarray(part.q_len, np.int64)
+        if len(q_start) and np.array_equal(q_start[1:], q_start[:-1] + q_len[:-1]):
+            return slice(int(q_start[0]), int(q_start[-1] + q_len[-1]))
+        ranges = [np.arange(s, s + n) for s, n in zip(q_start.tolist(), q_len.tolist(), strict=True)]
+        rows = np.concatenate([np.zeros(0, np.int64), *ranges])
+        return torch.from_numpy(rows).to(self.device)
 
-    def merge_into(
-        self, o: torch.Tensor, lse: torch.Tensor, o_other: torch.Tensor, lse_other: torch.Tensor, *,
-        rows: torch.Tensor | slice,
-    ) -> None:
-        merge_state_into(o, lse, o_other, lse_other, rows=rows)
+
+def _cover_rows(own: OwnPart, num_rows: int) -> OwnPart:
+    """The own part with the step's rows it leaves out (before its first, after its last) as sequences without
+    keys, so that its layout's output has a state for every row."""
+    q_indptr, kv_indptr = np.asarray(own.q_indptr, np.int64), np.asarray(own.kv_indptr, np.int64)
+    assert 0 <= q_indptr[0] and q_indptr[-1] <= num_rows, "own rows must lie within the step"
+    is_head, is_tail = bool(q_indptr[0] > 0), bool(q_indptr[-1] < num_rows)
+    return OwnPart(
+        np.r_[[0] * is_head, q_indptr, [num_rows] * is_tail].astype(np.int64),
+        np.asarray(own.kv_indices, np.int64),
+        np.r_[kv_indptr[:1].tolist() * is_head, kv_indptr, kv_indptr[-1:].tolist() * is_tail].astype(np.int64),
+    )
 
 
 def run_layout(

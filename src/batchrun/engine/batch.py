@@ -10,29 +10,19 @@ from typing import NamedTuple
 
 import numpy as np
 
+from batchrun.attention.base import CascadeInput, OwnPart, PrefixPart
 from batchrun.engine.scheduler import Step
 from batchrun.forest import PrefixForest, at_node
 from batchrun.tokens import TokenTable
-
-
-class PrefixPart(NamedTuple):
-    """The readers of the shared nodes at one depth: segment g = rows [q_start, q_start + q_len) over KV."""
-
-    q_start: np.ndarray  # int64 [S]
-    q_len: np.ndarray  # int64 [S]
-    kv_indices: np.ndarray  # int64 [sum kv_len]
-    kv_indptr: np.ndarray  # int64 [S + 1]
-    rows: slice | np.ndarray  # the segments' rows in segment order (a slice when they are contiguous)
 
 
 class StepBatch(NamedTuple):
     input_ids: np.ndarray  # int64 [N]
     positions: np.ndarray  # int64 [N]
     slots: np.ndarray  # int64 [N]: where each row's k and v are written
-    q_indptr: np.ndarray  # int64 [I + 1]: own part, one sequence per item (decode request or chunk)
-    kv_indices: np.ndarray  # int64: own KV of each item, up to and including its rows
-    kv_indptr: np.ndarray  # int64 [I + 1]
-    prefix: list[PrefixPart]  # one per depth that has readers in this step
+    # The own part has one sequence per item (decode request or chunk) over its own KV up to and including its
+    # rows; one prefix part per depth that has readers in this step.
+    attention: CascadeInput
     logit_rows: np.ndarray  # int64 [M]: rows whose next token is sampled
     logit_requests: np.ndarray  # int64 [M]: their requests
     num_decode: int
@@ -42,7 +32,8 @@ class StepBatch(NamedTuple):
 class BatchBuilder:
     """Static per-plan arrays: the prefix forest (chains, segment starts) and where each node's tokens are read."""
 
-    def __init__(self, *, tokens: TokenTable, forest: PrefixForest, node_request: np.ndarray) -> None:
+    def __init__(self, *, tokens: TokenTable, forest: PrefixForest, node_request: np.ndarray, gqa_ratio: int) -> None:
+        self.gqa_ratio = gqa_ratio
         self.tokens = tokens.tokens
         self.token_start = tokens.indptr[:-1]
         self.forest = forest
@@ -98,7 +89,9 @@ class BatchBuilder:
             np.where(chunk_is_node[:, None], forest.node_chains(at_node(forest.node_parent, node_of, fill=-1)),
                      forest.request_chains(request_of)),
         ])
-        prefix = [p for d in range(forest.num_levels) if (p := _prefix_part(item_chain[:, d], q_indptr, node_slots))]
+        prefixes = tuple(
+            p for d in range(forest.num_levels) if (p := _prefix_part(item_chain[:, d], q_indptr, node_slots))
+        )
 
         is_first_token = ~chunk_is_node & np.array([c.is_last for c in chunks], bool)
         logit_rows = np.concatenate([np.arange(num_decode), q_indptr[num_decode + 1 :][is_first_token] - 1])
@@ -107,10 +100,12 @@ class BatchBuilder:
             input_ids=input_ids,
             positions=positions,
             slots=slots,
-            q_indptr=q_indptr,
-            kv_indices=kv_indices,
-            kv_indptr=kv_indptr,
-            prefix=prefix,
+            attention=CascadeInput(
+                num_rows=num_rows,
+                own=OwnPart(q_indptr, kv_indices, kv_indptr),
+                prefixes=prefixes,
+                gqa_ratio=self.gqa_ratio,
+            ),
             logit_rows=logit_rows.astype(np.int64),
             logit_requests=logit_requests.astype(np.int64),
             num_decode=num_decode,
@@ -135,11 +130,7 @@ def _prefix_part(
     q_len = q_indptr[run_end] - q_start
     kv = [node_slots[n] for n in run_node.tolist()]
     kv_indptr = _indptr(np.array([len(k) for k in kv], np.int64))
-    if np.array_equal(q_start[1:], q_start[:-1] + q_len[:-1]):
-        rows: slice | np.ndarray = slice(int(q_start[0]), int(q_start[-1] + q_len[-1]))
-    else:
-        rows = _concat([np.arange(s, s + n) for s, n in zip(q_start.tolist(), q_len.tolist(), strict=True)])
-    return PrefixPart(q_start, q_len, _concat(kv), kv_indptr, rows)
+    return PrefixPart(q_start, q_len, _concat(kv), kv_indptr)
 
 
 def _indptr(lengths: np.ndarray) -> np.ndarray:

@@ -100,7 +100,8 @@ class Engine:
         layout = plan.layout
         self.prompt_len = plan.tokens.lengths.astype(np.int64)
         self.max_tokens = np.array([r.sampling.max_tokens for r in plan.requests], np.int64)
-        self.builder = BatchBuilder(tokens=plan.tokens, forest=layout.forest, node_request=layout.node_request)
+        self.builder = BatchBuilder(tokens=plan.tokens, forest=layout.forest, node_request=layout.node_request,
+                                    gqa_ratio=model.config.num_heads // model.config.num_kv_heads)
 
     def run(self, writer: Writer, metrics: Metrics | None = None, skip_ids: set[str] | frozenset[str] = frozenset()
             ) -> RunSummary:
