@@ -201,13 +201,13 @@ def _host_parts(own, prefix):
     return own_part, prefixes
 
 
-def _assert_state_close(o, lse, o_ref, lse_ref, atol):
+def _assert_state_close(o, lse, o_ref, lse_ref, atol, *, lse_atol=2e-5):
     assert o.dtype == torch.float32 and lse.dtype == torch.float32
     assert not torch.isnan(o).any() and not torch.isnan(lse).any()
     torch.testing.assert_close(o.double(), o_ref, rtol=0, atol=atol)
     assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref))
     finite = torch.isfinite(lse_ref)
-    torch.testing.assert_close(lse[finite].double(), lse_ref[finite], rtol=0, atol=atol)
+    torch.testing.assert_close(lse[finite].double(), lse_ref[finite], rtol=0, atol=lse_atol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -227,7 +227,9 @@ def test_every_backend_matches_float64_on_random_steps(any_backend, gqa_ratio, h
         sm_scale = head_dim**-0.5
         o, lse = _attend(any_backend, q, k_cache, v_cache, own=own, prefixes=prefixes, sm_scale=sm_scale)
         o_ref, lse_ref = _reference(q, k_cache, v_cache, _keys_per_row(nodes, seqs), sm_scale)
-        _assert_state_close(o, lse, o_ref, lse_ref, atol=2e-5)
+        # In bf16 the CPU op's matrix-unit tiles round the probabilities to bf16 before P x V (as flash kernels do):
+        # o is then within a few bf16 units; the softmax itself, and so the LSE, stays fp32.
+        _assert_state_close(o, lse, o_ref, lse_ref, atol=2e-5 if dtype == torch.float32 else 1e-2)
 
 
 def test_every_backend_on_one_row_and_rows_no_part_reaches(any_backend):
