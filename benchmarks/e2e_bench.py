@@ -78,10 +78,55 @@ def run_batchrun(*, model_dir: Path, workload_path: Path, work_dir: Path, is_sha
     stats = json.loads(_check([*cli, "stats", str(out), "--json"], env).strip().splitlines()[-1])
     return {
         "seconds": stats["wall_seconds"], "process_seconds": process_s,
+        "prefill_tokens_per_s": _prefill_rate(Path(f"{out}.metrics.jsonl")),
         "output_tokens": stats["output_tokens"], "prompt_tokens": stats["prompt_tokens"],
         "computed_prompt_tokens": stats["computed_prompt_tokens"], "requests": stats["requests"],
         "failed": stats["failed"], "tokens": _batchrun_tokens(out),
     }
+
+
+def _prefill_rate(metrics: Path) -> float:
+    """Tokens per second over the steps that prefill (their decode rows included: every row costs the linear
+    layers the same), from the metrics file's step records."""
+    tokens = seconds = 0.0
+    with open(metrics, encoding="utf-8") as f:
+        for rec in map(json.loads, f):
+            if rec.get("type") == "step" and rec["num_prefill_tokens"] > 0:
+                tokens += rec["num_prefill_tokens"] + rec["num_decode_tokens"]
+                seconds += rec["seconds"]
+    return tokens / seconds if seconds > 0 else 0.0
+
+
+def measure_matmul_rate(model_dir: Path, *, dtype: str, threads: int, rows: int = 2048,
+                        repeats: int = 5) -> dict[str, float]:
+    """The rate of the model's linear layers alone on this machine: one layer's projections (q|k|v, o,
+    gate|up, down, as batchrun fuses them) over `rows` tokens, median of `repeats` timings, and the prompt
+    tokens/s that rate allows (2 flops per weight per token, every layer). The prefill ceiling to compare
+    batchrun's prefill throughput with."""
+    import torch
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    head_dim = cfg.get("head_dim") or hidden // cfg["num_attention_heads"]
+    qkv = (cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"]) * head_dim
+    shapes = [(qkv, hidden), (hidden, cfg["num_attention_heads"] * head_dim), (2 * inter, hidden), (hidden, inter)]
+    torch.set_num_threads(threads)
+    torch_dtype = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(shape, generator=gen).to(torch_dtype) for shape in shapes]
+    inputs = [torch.randn(rows, w.shape[1], generator=gen).to(torch_dtype) for w in weights]
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            for x, w in zip(inputs, weights, strict=True):
+                torch.nn.functional.linear(x, w)
+            if i:  # the first round warms the kernels up
+                times.append(time.perf_counter() - t0)
+    seconds = sorted(times)[len(times) // 2]
+    flops_per_token = 2 * sum(a * b for a, b in shapes)
+    return {"gflops": flops_per_token * rows / seconds / 1e9,
+            "tokens_per_s": rows / seconds / cfg["num_hidden_layers"]}
 
 
 def _batchrun_tokens(out: Path) -> dict[str, list[int]]:
@@ -180,7 +225,7 @@ def worker_vllm(a: argparse.Namespace) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
 
     rows = _read_rows(a.workload)
-    llm = LLM(model=a.model_dir, dtype="float32", enable_prefix_caching=True, max_model_len=4096, seed=0)
+    llm = LLM(model=a.model_dir, dtype=a.dtype or "float32", enable_prefix_caching=True, max_model_len=4096, seed=0)
     params = [SamplingParams(temperature=0, max_tokens=r["max_tokens"], min_tokens=r["max_tokens"],
                              ignore_eos=True) for r in rows]
     t0 = time.perf_counter()
@@ -210,7 +255,7 @@ def summarize(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
             rows[name] = {"error": r["error"]}
             continue
         row = {k: r.get(k) for k in ("seconds", "process_seconds", "requests", "prompt_tokens",
-                                     "computed_prompt_tokens", "output_tokens")}
+                                     "computed_prompt_tokens", "output_tokens", "prefill_tokens_per_s")}
         row["output_tokens_per_s"] = r["output_tokens"] / r["seconds"] if r["seconds"] > 0 else 0.0
         if reference is not None and name != HF:
             same = sum(r["tokens"].get(rid) == ids for rid, ids in reference.items())
@@ -311,7 +356,8 @@ def main() -> int:
         # vLLM's CPU build binds its own OpenMP threads: an OMP_NUM_THREADS setting makes it about 3x slower
         # here (measured: 33 s against 11 s), so it runs with its own defaults.
         vllm_env = {k: v for k, v in env.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-        jobs[VLLM] = lambda: run_worker(a.vllm_python, "vllm", extra=[], **{**common, "env": vllm_env})
+        extra = [] if a.dtype is None else ["--dtype", a.dtype]  # the model directory's own dtype is float32
+        jobs[VLLM] = lambda: run_worker(a.vllm_python, "vllm", extra=extra, **{**common, "env": vllm_env})
     else:
         notes.append("vllm skipped: " + (f"{a.vllm_python} does not exist" if a.vllm_python
                                          else "no --vllm-python given"))
@@ -326,12 +372,21 @@ def main() -> int:
     print(f"\nworkload: {config.num_requests} requests ({json.dumps(asdict(config))}); model {model_dir}; "
           f"{a.threads} threads; device {a.device}; dtype {a.dtype or 'default'}\n")
     print(markdown_table(rows))
+    matmul = None
+    if a.device != "cuda":
+        matmul = measure_matmul_rate(model_dir, dtype=a.dtype or "float32", threads=a.threads)
+        print(f"\nlinear layers alone: {matmul['gflops']:.0f} GFLOP/s, {matmul['tokens_per_s']:.0f} prompt tokens/s")
+        for name, r in results.items():
+            if r.get("prefill_tokens_per_s"):
+                ratio = matmul["tokens_per_s"] / r["prefill_tokens_per_s"]
+                rows[name]["matmul_over_prefill"] = ratio
+                print(f"{name}: prefill {r['prefill_tokens_per_s']:.0f} tokens/s, the matmul rate is {ratio:.2f}x that")
     for note in notes:
         print(f"\nnote: {note}")
     json_path = a.json or work_dir / "e2e_bench.json"
     json_path.write_text(json.dumps({"workload": asdict(config), "model_dir": str(model_dir),
                                      "threads": a.threads, "device": a.device, "dtype": a.dtype,
-                                     "systems": rows, "notes": notes}, indent=2))
+                                     "matmul": matmul, "systems": rows, "notes": notes}, indent=2))
     print(f"\nwritten: {json_path}")
     return 1 if any("error" in row for row in rows.values()) else 0
 

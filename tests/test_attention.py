@@ -1,6 +1,6 @@
-"""The torch cascade path (prefix parts per depth + own part + LSE merges, through the step-level interface)
-against plain float64 attention over each row's concatenated KV, on random shapes, GQA, multi-level prefixes,
-chunked prefill and empty parts."""
+"""The cascade backends (torch: prefix parts per depth + own part + LSE merges; cpu: the C++ op, one call per
+part) against plain float64 attention over each row's concatenated KV, on random shapes, GQA, multi-level
+prefixes, chunked prefill and empty parts."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from batchrun import attention as attn
-from batchrun.attention import torch_backend, torch_buckets
+from batchrun.attention import cpu_op, torch_backend, torch_buckets
 
 
 def _backend(q: torch.Tensor) -> attn.TorchBackend:
@@ -180,6 +180,73 @@ def test_cascade_matches_concatenated_kv_float64(gqa_ratio, num_depths, kernel):
         torch.testing.assert_close(lse[finite], lse_ref[finite], rtol=0, atol=1e-12)
 
 
+@pytest.fixture(params=["torch", "cpu"])
+def any_backend(request):
+    """Every CPU backend; the op's is skipped only where this CPU cannot run it (a failed build fails)."""
+    if request.param == "torch":
+        return attn.TorchBackend(torch.device("cpu"))
+    try:
+        return attn.CpuBackend(torch.device("cpu"))
+    except cpu_op.OpUnavailable as e:
+        if e.__cause__ is not None:
+            raise
+        pytest.skip(str(e))
+
+
+def _host_parts(own, prefix):
+    """_cascade_inputs' tensors as the step's host parts."""
+    own_part = attn.OwnPart(*(_host(own[k]) for k in ("q_indptr", "kv_indices", "kv_indptr")))
+    prefixes = [attn.PrefixPart(*(_host(m[k]) for k in ("q_start", "q_len", "kv_indices", "kv_indptr")))
+                for m, _ in prefix]
+    return own_part, prefixes
+
+
+def _assert_state_close(o, lse, o_ref, lse_ref, atol, *, lse_atol=2e-5):
+    assert o.dtype == torch.float32 and lse.dtype == torch.float32
+    assert not torch.isnan(o).any() and not torch.isnan(lse).any()
+    torch.testing.assert_close(o.double(), o_ref, rtol=0, atol=atol)
+    assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref))
+    finite = torch.isfinite(lse_ref)
+    torch.testing.assert_close(lse[finite].double(), lse_ref[finite], rtol=0, atol=lse_atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("gqa_ratio", [1, 3, 4, 7])
+def test_every_backend_matches_float64_on_random_steps(any_backend, gqa_ratio, head_dim, dtype):
+    """Random ragged steps (rows without own keys, q_len > kv_len, one to three prefix depths): one `attend`
+    against float64 attention over the same (rounded) inputs."""
+    rng = np.random.default_rng(10 * gqa_ratio + head_dim)
+    torch.manual_seed(10 * gqa_ratio + head_dim)
+    for num_depths in (1, 2, 3):
+        q, k_cache, v_cache, nodes, seqs = _random_cascade(
+            rng, num_kv_heads=int(rng.integers(1, 3)), gqa_ratio=gqa_ratio, head_dim=head_dim, num_depths=num_depths
+        )
+        q, k_cache, v_cache = q.to(dtype), k_cache.to(dtype), v_cache.to(dtype)
+        own, prefixes = _host_parts(*_cascade_inputs(nodes, seqs, num_depths))
+        sm_scale = head_dim**-0.5
+        o, lse = _attend(any_backend, q, k_cache, v_cache, own=own, prefixes=prefixes, sm_scale=sm_scale)
+        o_ref, lse_ref = _reference(q, k_cache, v_cache, _keys_per_row(nodes, seqs), sm_scale)
+        # In bf16 the CPU op's matrix-unit tiles round the probabilities to bf16 before P x V (as flash kernels do):
+        # o is then within a few bf16 units; the softmax itself, and so the LSE, stays fp32.
+        _assert_state_close(o, lse, o_ref, lse_ref, atol=2e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_every_backend_on_one_row_and_rows_no_part_reaches(any_backend):
+    torch.manual_seed(5)
+    q = torch.randn(5, 4, 64)
+    k_cache, v_cache = torch.randn(20, 1, 64), torch.randn(20, 1, 64)
+    one = attn.OwnPart(np.array([0, 1]), np.array([3, 4, 5]), np.array([0, 3]))
+    o, lse = _attend(any_backend, q[:1], k_cache, v_cache, own=one, sm_scale=0.125)
+    _assert_state_close(o, lse, *_reference(q[:1], k_cache, v_cache, [[3, 4, 5]], 0.125), atol=2e-5)
+    # A step with no own rows: rows 1-3 read a prefix, rows 0 and 4 nothing.
+    part = attn.PrefixPart(np.array([1]), np.array([3]), np.arange(10), np.array([0, 10]))
+    o, lse = _attend(any_backend, q, k_cache, v_cache, own=_no_own(), prefixes=[part], sm_scale=0.125)
+    keys = [[], *[list(range(10))] * 3, []]
+    _assert_state_close(o, lse, *_reference(q, k_cache, v_cache, keys, 0.125), atol=2e-5)
+    assert (o[[0, 4]] == 0).all() and torch.isneginf(lse[[0, 4]]).all()
+
+
 def test_float32_and_bfloat16_pools_are_close_to_float64(kernel):
     rng = np.random.default_rng(7)
     torch.manual_seed(7)
@@ -301,5 +368,10 @@ def test_buckets_pad_similar_segments_together_and_split_outliers():
     assert len(uniform.buckets) == 1 and uniform.is_direct and uniform.buckets[0].mask is None
 
 
-def test_select_backend_on_cpu_is_torch():
+def test_select_backend_on_cpu_is_the_op_where_it_builds(monkeypatch):
+    """The CPU op where it builds; the torch backend (with a note) where this CPU has no AVX-512."""
+    expected = "torch" if torch.backends.cpu.get_cpu_capability() != "AVX512" else "cpu"
+    assert attn.select_backend(torch.device("cpu")).name == expected
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(cpu_op, "_op", None)
     assert attn.select_backend(torch.device("cpu")).name == "torch"

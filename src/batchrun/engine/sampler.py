@@ -33,6 +33,7 @@ class Sampler:
         self.top_k = np.array([p.top_k for p in params], np.int64)
         self.min_tokens = np.array([p.min_tokens for p in params], np.int64)
         self.seed = [p.seed for p in params]
+        self.is_seeded = np.array([p.seed is not None for p in params], bool)  # so a step needs no Python loop
         self.eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.int64, device=self.device)
         # Unseeded requests share one run-level stream; seeded ones get theirs on first use.
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -90,7 +91,7 @@ class Sampler:
         """argmax(probs / Exp(1) noise): a categorical draw without a device sync (gpt-fast's
         multinomial_sample_one_no_sync). Seeded rows draw their noise from their own generator."""
         noise = torch.empty_like(probs)
-        is_seeded = np.array([self.seed[r] is not None for r in reqs.tolist()], bool)
+        is_seeded = self.is_seeded[reqs]
         unseeded = np.flatnonzero(~is_seeded)
         if len(unseeded) == len(reqs):
             noise.exponential_(generator=self.generator)
