@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -81,11 +82,17 @@ def _summary_table(report: Report) -> Table:
 
 def _over_time_table(report: Report) -> Table:
     steps = report.steps
-    table = Table(title="over time")
-    # Headers are words that wrap when a narrow console squeezes the columns ("tokens/step" was cut to "tokens/…").
-    for name in ("from s", "to s", "steps", "mean batch", "tokens per step", "prefill tok", "output tok/s", "mean KV",
-                 "peak KV", "preempted"):
-        table.add_column(name, justify="right")
+    # Up to nine columns: no vertical rules, and cells fold rather than end in "…" when a narrow console (a log
+    # is 80 columns) squeezes them; headers are words that wrap ("tokens/step" was cut to "tokens/…").
+    table = Table(title="over time", box=box.SIMPLE_HEAD, pad_edge=False)
+    # KV in use as a share of the budget: a few characters, where "953.7 MiB" twice would crowd the rest out.
+    budget = report.kv_budget_bytes
+    kv_unit = "%" if budget else "MiB"
+    has_preemptions = bool(steps.num_preempted.any())  # a column only when there is something to show
+    for name in ("from s", "steps", "mean batch", "tokens per step", "prefill tok", "output tok/s",
+                 f"KV mean {kv_unit}", f"KV peak {kv_unit}", *(["preempted"] if has_preemptions else [])):
+        min_width = 8 if name == "tokens per step" else None  # "per step" on one line
+        table.add_column(name, justify="right", overflow="fold", min_width=min_width)
     edges = np.linspace(0.0, float(steps.t[-1]), _NUM_WINDOWS + 1)
     tf = "{:.1f}" if edges[-1] >= 10 else "{:.2f}"
     which = np.clip(np.searchsorted(edges, steps.t, side="left") - 1, 0, _NUM_WINDOWS - 1)
@@ -96,13 +103,18 @@ def _over_time_table(report: Report) -> Table:
         span = max(edges[w + 1] - edges[w], 1e-9)
         tokens = steps.num_decode_tokens[sel] + steps.num_prefill_tokens[sel]
         table.add_row(
-            tf.format(edges[w]), tf.format(edges[w + 1]), f"{int(sel.sum()):,}",
-            f"{steps.num_running[sel].mean():.1f}", f"{tokens.mean():.1f}",
+            tf.format(edges[w]), f"{int(sel.sum()):,}",
+            f"{steps.num_running[sel].mean():.1f}", f"{tokens.mean():,.0f}",
             f"{int(steps.num_prefill_tokens[sel].sum()):,}",
-            f"{steps.num_decode_tokens[sel].sum() / span:,.1f}", human_bytes(float(steps.kv_bytes[sel].mean())),
-            human_bytes(int(steps.kv_bytes[sel].max())), f"{int(steps.num_preempted[sel].sum()):,}",
+            f"{steps.num_decode_tokens[sel].sum() / span:,.1f}", _kv(float(steps.kv_bytes[sel].mean()), budget),
+            _kv(float(steps.kv_bytes[sel].max()), budget),
+            *([f"{int(steps.num_preempted[sel].sum()):,}"] if has_preemptions else []),
         )
     return table
+
+
+def _kv(num_bytes: float, budget: int | None) -> str:
+    return f"{100 * num_bytes / budget:.0f}" if budget else f"{num_bytes / 2**20:,.1f}"
 
 
 def _workers_table(report: Report) -> Table:
