@@ -114,7 +114,7 @@ def _over_time_table(report: Report) -> Table:
 
 
 def _kv(num_bytes: float, budget: int | None) -> str:
-    return f"{100 * num_bytes / budget:.0f}" if budget else f"{num_bytes / 2**20:,.1f}"
+    return f"{100 * num_bytes / budget:.1f}" if budget else f"{num_bytes / 2**20:,.1f}"
 
 
 def _workers_table(report: Report) -> Table:
