@@ -4,7 +4,7 @@
 #      working tree (a shim on PYTHONPATH maps kernels/ to batchrun.kernels as pyproject's package-dir does:
 #      nothing is installed);
 #   1. the kernel tests compiled for the GPU (TRITON_INTERPRET unset);
-#   2. the kernel bench: the planned path (plan_step once, attend per layer) at prefix 1k/8k/32k x group
+#   2. the kernel bench: the planned path (prepare_step once, attend per layer) at prefix 1k/8k/32k x group
 #      16/64/256, own 512, against SDPA and the torch cascade; its headline point is prefix 8192, group 64;
 #   3. benchmarks/gpu_e2e.py: a random Llama shaped as Qwen2.5-0.5B (14 query / 2 KV heads: GQA ratio 7, head
 #      size 64); greedy fp32 `batchrun run --device cuda` against transformers' generate (identical tokens);
@@ -90,7 +90,7 @@ d = json.load(open(sys.argv[1]))
 r = next(r for r in d["rows"] if (r["prefix_len"], r["group_size"]) == (8192, 64))
 sdpa = "SDPA not measured" if r["sdpa_us"] is None else f"{r['sdpa_us'] / r['cascade_us']:.2f}x SDPA flash"
 torch_c = "" if r["torch_cascade_us"] is None else f", {r['torch_cascade_us'] / r['cascade_us']:.2f}x torch cascade"
-print(f"cascade {r['cascade_us']:.1f} us (plan {r['plan_us']:.0f} us host): {sdpa}{torch_c}; "
+print(f"cascade {r['cascade_us']:.1f} us (prepare {r['prepare_us']:.0f} us host): {sdpa}{torch_c}; "
       f"{r['cascade_gbps']:.0f} GB/s = {100 * r['cascade_gbps'] / d['copy_gbps']:.0f}% of copy bandwidth "
       f"({d['copy_gbps']:.0f} GB/s); max abs diff {r['max_abs_diff']:.1e}")
 EOF

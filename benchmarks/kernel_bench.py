@@ -1,4 +1,4 @@
-"""Cascade decode attention as the engine runs it: batchrun.kernels' step plan made once (`plan_step`, timed apart
+"""Cascade decode attention as the engine runs it: batchrun.kernels' work list made once (`prepare_step`, timed apart
 on the host), then per layer one `attend` (own part + prefix part, merged in the kernel), against SDPA over
 per-request materialised KV (the non-cascade peer) and the torch cascade backend, Llama-3-8B heads by default.
 
@@ -32,7 +32,7 @@ class Row:
     prefix_len: int
     group_size: int
     own_len: int
-    plan_us: float  # host: the step's work list and its one copy to the device
+    prepare_us: float  # host: the step's work list and its one copy to the device
     cascade_us: float  # one layer: attend
     torch_cascade_us: float
     sdpa_us: float | None
@@ -88,21 +88,21 @@ def make_case(prefix_len: int, group_size: int, own_len: int, *, heads: tuple[in
 
 
 def cascade_fn(case: Case) -> tuple[float, Callable[[], torch.Tensor]]:
-    """(host µs of the step's plan, one layer's attention): the engine's planned path."""
+    """(host µs of the step's work list, one layer's attention): the engine's planned path."""
     import batchrun.kernels as kernels
 
-    def plan() -> kernels.StepPlan:
-        return kernels.plan_step(
+    def prepare() -> kernels.StepWork:
+        return kernels.prepare_step(
             num_rows=case.q.shape[0], own=kernels.OwnPart(**case.own), prefixes=[kernels.PrefixPart(**case.prefix)],
             num_heads=case.q.shape[1], num_kv_heads=case.k_cache.shape[1], head_dim=case.q.shape[2],
             dtype=case.q.dtype, device=case.q.device,
         )
 
-    plan()  # warm-up (the device properties are read once)
+    prepare()  # warm-up (the device properties are read once)
     start = time.perf_counter()
-    step_plan = plan()
-    plan_us = 1e6 * (time.perf_counter() - start)
-    return plan_us, lambda: kernels.attend(step_plan, case.q, case.k_cache, case.v_cache, sm_scale=case.sm_scale)[0]
+    step_work = prepare()
+    prepare_us = 1e6 * (time.perf_counter() - start)
+    return prepare_us, lambda: kernels.attend(step_work, case.q, case.k_cache, case.v_cache, sm_scale=case.sm_scale)[0]
 
 
 def torch_cascade_fn(case: Case) -> Callable[[], torch.Tensor]:
@@ -139,7 +139,7 @@ def sdpa_fn(case: Case, prefix_len: int, own_len: int) -> Callable[[], torch.Ten
 def measure(prefix_len: int, group_size: int, own_len: int, *, heads: tuple[int, int, int], dtype: torch.dtype,
             device: torch.device, max_kv_gib: float) -> Row:
     case = make_case(prefix_len, group_size, own_len, heads=heads, dtype=dtype, device=device)
-    plan_us, run = cascade_fn(case)
+    prepare_us, run = cascade_fn(case)
     cascade_us = bench_us(run)
     o = run()
     torch_run = torch_cascade_fn(case)
@@ -159,7 +159,7 @@ def measure(prefix_len: int, group_size: int, own_len: int, *, heads: tuple[int,
     kv_bytes = 2 * (prefix_len + group_size * own_len) * num_kv_heads * head_dim * elem
     io_bytes = group_size * num_heads * head_dim * (elem + 4)
     gbps = (kv_bytes + io_bytes) / (cascade_us * 1e-6) / 1e9
-    return Row(prefix_len, group_size, own_len, plan_us, cascade_us, torch_us, sdpa_us, gbps, diff)
+    return Row(prefix_len, group_size, own_len, prepare_us, cascade_us, torch_us, sdpa_us, gbps, diff)
 
 
 def fmt(x: float | None, spec: str = ".1f") -> str:
@@ -168,13 +168,13 @@ def fmt(x: float | None, spec: str = ".1f") -> str:
 
 def print_table(rows: list[Row], copy_gbps: float) -> None:
     print(f"\ndevice copy bandwidth (read + write): {copy_gbps:.0f} GB/s\n")
-    print("| prefix | group | own | plan µs (host) | cascade µs | torch cascade µs | SDPA µs | × SDPA | × torch"
+    print("| prefix | group | own | prepare µs (host) | cascade µs | torch cascade µs | SDPA µs | × SDPA | × torch"
           " | GB/s | % copy BW | max abs diff |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         vs_sdpa = None if r.sdpa_us is None else r.sdpa_us / r.cascade_us
         vs_torch = r.torch_cascade_us / r.cascade_us
-        print(f"| {r.prefix_len} | {r.group_size} | {r.own_len} | {r.plan_us:.0f} | {r.cascade_us:.1f}"
+        print(f"| {r.prefix_len} | {r.group_size} | {r.own_len} | {r.prepare_us:.0f} | {r.cascade_us:.1f}"
               f" | {r.torch_cascade_us:.1f} | {fmt(r.sdpa_us)} | {fmt(vs_sdpa, '.2f')} | {fmt(vs_torch, '.2f')}"
               f" | {r.cascade_gbps:.0f} | {100 * r.cascade_gbps / copy_gbps:.0f}% | {r.max_abs_diff:.1e} |")
 

@@ -1,5 +1,5 @@
 """Ahead-of-time compilation, on a machine without a GPU, of every cascade-kernel specialization the engine can
-launch for sm_80 and sm_90: each comes from a real plan's launches (so the argument types are those `attend`
+launch for sm_80 and sm_90: each comes from a real step's launches (so the argument types are those `attend`
 passes) and reports registers, spills and shared memory.  python -m batchrun.kernels.aot [--json FILE]"""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import triton
 from .cascade import cascade_kernel
 from .configs import CAPABILITIES
 from .launch import Launch, launches
-from .parts import OwnPart, PrefixPart, plan_step
+from .parts import OwnPart, PrefixPart, prepare_step
 
 # (head size, dtype, GQA ratio): every dtype at D = 64 and 128; D = 80 and 96 (padded to 128) and the ratios
 # that change the tile's row mapping (1: one row a token, 7: not a power of two) in bf16, the CUDA default.
@@ -47,10 +47,10 @@ def step_launches(head_dim: int, dtype: torch.dtype, group: int, capability: int
                   kv_indptr=np.array([0, 40, 80, 120, 320]))
     prefix = PrefixPart(q_start=np.array([0]), q_len=np.array([3]), kv_indices=np.arange(320, 600),
                         kv_indptr=np.array([0, 280]))
-    plan = plan_step(num_rows=q.shape[0], own=own, prefixes=[prefix], num_heads=q.shape[1],
+    step = prepare_step(num_rows=q.shape[0], own=own, prefixes=[prefix], num_heads=q.shape[1],
                      num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype, device=torch.device("cpu"),
                      capability=capability)
-    return launches(plan, q, cache, cache, sm_scale=head_dim**-0.5)[2]
+    return launches(step, q, cache, cache, sm_scale=head_dim**-0.5)[2]
 
 
 def _signature(launch: Launch) -> tuple[dict[str, str], dict[tuple[int, ...], list]]:

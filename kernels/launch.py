@@ -1,4 +1,4 @@
-"""A step's plan and its launches: `plan_step` turns the step's attention parts (host arrays) into one work
+"""A step's work list and its launches: `prepare_step` turns the step's attention parts (host arrays) into one work
 list, copied to the device in one transfer; `attend` runs it for one layer: one launch per tile class (at most
 two: decode tiles and large tiles) computes the own part and every prefix depth, merged, with no device sync."""
 
@@ -25,7 +25,7 @@ _LOG2E = math.log2(math.e)
 
 
 @dataclass(frozen=True)
-class StepPlan:
+class StepWork:
     """One step's work list on the device, reused by every layer. tiles[c] launches items[c]."""
 
     num_rows: int  # output rows (= rows of q)
@@ -70,12 +70,12 @@ def _to_device(device: torch.device, arrays: Sequence[np.ndarray]) -> list[torch
     return [dev[off : off + a.size].view(a.shape) for a, off in zip(arrays, offsets, strict=False)]
 
 
-def plan_parts(
+def prepare_parts(
     parts: Sequence[Part], *, num_rows: int, num_heads: int, num_kv_heads: int, head_dim: int,
     dtype: torch.dtype, device: torch.device, config: LaunchConfig | None = None, capability: int | None = None,
-) -> StepPlan:
-    """The plan of any attention parts writing output rows [0, num_rows) (`plan_step` for the engine).
-    capability: the GPU generation (80, 90) to pick tiles for; None: the device's (aot.py plans on the CPU)."""
+) -> StepWork:
+    """The work list of any attention parts writing output rows [0, num_rows) (`prepare_step` for the engine).
+    capability: the GPU generation (80, 90) to pick tiles for; None: the device's (aot.py prepares on the CPU)."""
     assert head_dim in HEAD_DIMS and dtype in DTYPES, f"head size {head_dim} / {dtype}: not {HEAD_DIMS} / {DTYPES}"
     assert num_heads % num_kv_heads == 0, f"GQA ratio {num_heads} / {num_kv_heads} is not whole"
     config = config or LaunchConfig()
@@ -104,19 +104,19 @@ def plan_parts(
         chunk = pick_chunk(seg_tiles, num_kv_heads=num_kv_heads, num_programs=num_programs, block_n=block_n)
     classes = [split_keys(t, chunk) for t in seg_tiles]
     work = bind_items(classes, seg, num_out_rows=num_rows)
-    return _device_plan(work, classes, tiles, num_rows=num_rows, num_heads=num_heads, num_kv_heads=num_kv_heads,
+    return _device_work(work, classes, tiles, num_rows=num_rows, num_heads=num_heads, num_kv_heads=num_kv_heads,
                         head_dim=head_dim, dtype=dtype, device=torch.device(device))
 
 
-def _device_plan(work: WorkList, classes: list[Items], tiles: list[TileConfig], *, num_rows: int, num_heads: int,
-                 num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> StepPlan:
+def _device_work(work: WorkList, classes: list[Items], tiles: list[TileConfig], *, num_rows: int, num_heads: int,
+                 num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> StepWork:
     launched = [c for c, items in enumerate(classes) if len(items.seg)]
     segments, kv_indices, num_parts, part_indptr, part_rows, *items = _to_device(device, [
         work.segments, work.kv_indices, work.num_parts, work.part_indptr, work.part_rows,
         *(work.items[c] for c in launched),
     ])
     num_counters = num_rows * num_heads if work.num_partial_rows else 1
-    return StepPlan(
+    return StepWork(
         num_rows, num_heads, num_kv_heads, head_dim, dtype, tuple(tiles[c] for c in launched), tuple(items),
         segments, kv_indices, num_parts, part_indptr, part_rows,
         torch.zeros(num_counters, dtype=torch.int32, device=device), work.num_partial_rows, work.is_covered,
@@ -147,47 +147,47 @@ class Launch(NamedTuple):
 
 
 def launches(
-    plan: StepPlan, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, sm_scale: float
+    step: StepWork, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, sm_scale: float
 ) -> tuple[torch.Tensor, torch.Tensor, list[Launch]]:
     """The output (o, lse) and the launches that fill it: what `attend` runs and aot.py compiles."""
     check_inputs(q, k_cache, v_cache)
     assert (q.shape[1], k_cache.shape[1], q.shape[2], q.dtype) == (
-        plan.num_heads, plan.num_kv_heads, plan.head_dim, plan.dtype), "q or the pool differ from the plan"
-    shape_o, shape_lse = (plan.num_rows, plan.num_heads, plan.head_dim), (plan.num_rows, plan.num_heads)
-    if plan.is_covered:
+        step.num_heads, step.num_kv_heads, step.head_dim, step.dtype), "q or the pool differ from the step"
+    shape_o, shape_lse = (step.num_rows, step.num_heads, step.head_dim), (step.num_rows, step.num_heads)
+    if step.is_covered:
         o, lse = q.new_empty(shape_o, dtype=torch.float32), q.new_empty(shape_lse, dtype=torch.float32)
     else:
         o, lse = q.new_zeros(shape_o, dtype=torch.float32), q.new_full(shape_lse, -math.inf, dtype=torch.float32)
     # At least one row: an empty tensor would hand Triton a null pointer.
-    num_partial_rows = max(plan.num_partial_rows, 1)
+    num_partial_rows = max(step.num_partial_rows, 1)
     args = dict(
         q_ptr=q, k_ptr=k_cache, v_ptr=v_cache, o_ptr=o, lse_ptr=lse,
         part_o_ptr=q.new_empty((num_partial_rows, *shape_o[1:]), dtype=torch.float32),
-        part_lse_ptr=q.new_empty((num_partial_rows, plan.num_heads), dtype=torch.float32),
-        counter_ptr=plan.counters, kv_indices_ptr=plan.kv_indices, seg_ptr=plan.segments,
-        num_parts_ptr=plan.num_parts, part_indptr_ptr=plan.part_indptr, part_rows_ptr=plan.part_rows,
+        part_lse_ptr=q.new_empty((num_partial_rows, step.num_heads), dtype=torch.float32),
+        counter_ptr=step.counters, kv_indices_ptr=step.kv_indices, seg_ptr=step.segments,
+        num_parts_ptr=step.num_parts, part_indptr_ptr=step.part_indptr, part_rows_ptr=step.part_rows,
         stride_qn=q.stride(0), stride_qh=q.stride(1), stride_kn=k_cache.stride(0), stride_kh=k_cache.stride(1),
         stride_vn=v_cache.stride(0), stride_vh=v_cache.stride(1), qk_scale=sm_scale * _LOG2E,
     )
-    block_d = max(16, 1 << (plan.head_dim - 1).bit_length())
+    block_d = max(16, 1 << (step.head_dim - 1).bit_length())
     return o, lse, [
         Launch(
-            (items.shape[0], plan.num_kv_heads), {**args, "item_ptr": items},
-            dict(GROUP=plan.num_heads // plan.num_kv_heads, HEAD_DIM=plan.head_dim, BLOCK_M=tile.block_m,
+            (items.shape[0], step.num_kv_heads), {**args, "item_ptr": items},
+            dict(GROUP=step.num_heads // step.num_kv_heads, HEAD_DIM=step.head_dim, BLOCK_M=tile.block_m,
                  BLOCK_N=tile.block_n, BLOCK_D=block_d, UPCAST=INTERPRET),
             dict(num_warps=tile.num_warps, num_stages=tile.num_stages),
         )
-        for tile, items in zip(plan.tiles, plan.items, strict=True)
+        for tile, items in zip(step.tiles, step.items, strict=True)
     ]
 
 
 def attend(
-    plan: StepPlan, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, sm_scale: float
+    step: StepWork, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, sm_scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every part of `plan` for one layer. q: [N, Hq, D]; k_cache, v_cache: [num_slots, Hkv, D] (one dtype,
-    the plan's; the last dim contiguous). Returns o: float32 [num_rows, Hq, D] and lse: float32
+    """Every part of `step` for one layer. q: [N, Hq, D]; k_cache, v_cache: [num_slots, Hkv, D] (one dtype,
+    the step's; the last dim contiguous). Returns o: float32 [num_rows, Hq, D] and lse: float32
     [num_rows, Hq] (natural log), the parts merged; a row no part reaches is o = 0, lse = -inf."""
-    o, lse, todo = launches(plan, q, k_cache, v_cache, sm_scale=sm_scale)
+    o, lse, todo = launches(step, q, k_cache, v_cache, sm_scale=sm_scale)
     for launch in todo:
         cascade_kernel[launch.grid](**launch.args, **launch.constexprs, **launch.options)
     return o, lse

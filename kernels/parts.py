@@ -1,5 +1,5 @@
 """The engine's view of a step's attention: the own part (causal, per sequence) and the prefix parts (one per
-shared depth, non-causal, per segment) as host arrays, planned together once per step (`plan_step`)."""
+shared depth, non-causal, per segment) as host arrays, prepared together once per step (`prepare_step`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .configs import LaunchConfig
-from .launch import StepPlan, plan_parts
+from .launch import StepWork, prepare_parts
 from .worklist import Part
 
 
@@ -45,15 +45,15 @@ def prefix_part(part: PrefixPart) -> Part:
     return Part(q_start, part.q_len, q_start, part.kv_indices, part.kv_indptr, is_causal=False)
 
 
-def plan_step(
+def prepare_step(
     *, num_rows: int, own: OwnPart | None, prefixes: Sequence[PrefixPart], num_heads: int, num_kv_heads: int,
     head_dim: int, dtype: torch.dtype, device: torch.device, config: LaunchConfig | None = None,
     capability: int | None = None,
-) -> StepPlan:
-    """The step's plan, made once on the host (no device sync) and reused by every layer's `attend`: the own
+) -> StepWork:
+    """The step's work list, made once on the host (no device sync) and reused by every layer's `attend`: the own
     part and every prefix depth write q's rows [0, num_rows), and `attend` returns them merged. All index
     arrays are host integer arrays; they reach the kernel as int32 (pools up to 2**31 slots). capability (80,
     90) picks the tiles for that GPU generation instead of the device's."""
     parts = ([] if own is None else [own_part(own)]) + [prefix_part(p) for p in prefixes]
-    return plan_parts(parts, num_rows=num_rows, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+    return prepare_parts(parts, num_rows=num_rows, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                       dtype=dtype, device=device, config=config, capability=capability)

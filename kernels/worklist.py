@@ -1,4 +1,4 @@
-"""The host-side work list of one step (FlashInfer-style plan, numpy only): every attention part becomes
+"""The host-side work list of one step (what FlashInfer calls the plan; numpy only): every attention part becomes
 segments, each segment (query tile x key chunk) items, and every output row learns how many items write it and
 where their partial states lie, so the kernel launches no empty program and merges the partials itself."""
 

@@ -16,7 +16,7 @@ DEVICE = "cpu" if INTERPRET else "cuda"
 if not INTERPRET and not torch.cuda.is_available():
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
-from batchrun.kernels import LaunchConfig, OwnPart, PrefixPart, StepPlan, attend, plan_step  # noqa: E402
+from batchrun.kernels import LaunchConfig, OwnPart, PrefixPart, StepWork, attend, prepare_step  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 3e-2}
 NUM_KV_HEADS = 2
@@ -145,11 +145,11 @@ def assert_state_close(o: torch.Tensor, lse: torch.Tensor, ref: tuple[torch.Tens
     torch.testing.assert_close(lse.cpu().double(), ref[1], atol=tol, rtol=tol)
 
 
-def plan(batch: Batch, *, own: OwnPart | None, prefixes: list[PrefixPart], config: LaunchConfig | None = None,
-         num_rows: int | None = None) -> StepPlan:
-    """The step plan of the given parts over the batch's q (all its rows unless num_rows says otherwise)."""
+def prepare(batch: Batch, *, own: OwnPart | None, prefixes: list[PrefixPart], config: LaunchConfig | None = None,
+         num_rows: int | None = None) -> StepWork:
+    """The step work list of the given parts over the batch's q (all its rows unless num_rows says otherwise)."""
     q = batch.q
-    return plan_step(num_rows=q.shape[0] if num_rows is None else num_rows, own=own, prefixes=prefixes,
+    return prepare_step(num_rows=q.shape[0] if num_rows is None else num_rows, own=own, prefixes=prefixes,
                      num_heads=q.shape[1], num_kv_heads=NUM_KV_HEADS, head_dim=q.shape[2], dtype=q.dtype,
                      device=torch.device(DEVICE), config=config)
 
@@ -157,12 +157,12 @@ def plan(batch: Batch, *, own: OwnPart | None, prefixes: list[PrefixPart], confi
 def run(batch: Batch, *, own: OwnPart | None, prefixes: list[PrefixPart], config: LaunchConfig | None = None
         ) -> tuple[torch.Tensor, torch.Tensor]:
     """The parts planned and attended over the batch's q, rows in q order (a row no part reaches is empty)."""
-    step = plan(batch, own=own, prefixes=prefixes, config=config)
+    step = prepare(batch, own=own, prefixes=prefixes, config=config)
     return attend(step, batch.q, batch.k_cache, batch.v_cache, sm_scale=batch.sm_scale)
 
 
 def cascade(batch: Batch, config: LaunchConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Own part and prefix part in one plan, as the engine's steps are."""
+    """Own part and prefix part in one work list, as the engine's steps are."""
     return run(batch, own=batch.own, prefixes=[batch.prefix], config=config)
 
 
@@ -230,7 +230,7 @@ def test_launcher_rejects_bad_inputs() -> None:
     common = dict(k_cache=batch.k_cache, v_cache=batch.v_cache, sm_scale=batch.sm_scale)
     with pytest.raises(AssertionError, match=">= 16"):
         run(batch, own=None, prefixes=[batch.prefix], config=LaunchConfig(block_m=16, block_n=8))
-    step = plan(batch, own=None, prefixes=[batch.prefix])
+    step = prepare(batch, own=None, prefixes=[batch.prefix])
     with pytest.raises(AssertionError, match="one dtype"):
         attend(step, batch.q.float(), **common)
     with pytest.raises(AssertionError, match="D must be contiguous"):
@@ -245,10 +245,10 @@ def test_empty_batches() -> None:
     common = dict(k_cache=batch.k_cache, v_cache=batch.v_cache, sm_scale=batch.sm_scale)
     none = _index([])
     no_segment = PrefixPart(q_start=none, q_len=none, kv_indices=none, kv_indptr=_index([0]))
-    o, lse = attend(plan(batch, own=None, prefixes=[no_segment], num_rows=0), batch.q[:0], **common)
+    o, lse = attend(prepare(batch, own=None, prefixes=[no_segment], num_rows=0), batch.q[:0], **common)
     assert o.shape == (0, 8, 64) and lse.shape == (0, 8)
     no_row = OwnPart(q_indptr=_index([0]), kv_indices=none, kv_indptr=_index([0]))
-    o, lse = attend(plan(batch, own=no_row, prefixes=[], num_rows=0), batch.q[:0], **common)
+    o, lse = attend(prepare(batch, own=no_row, prefixes=[], num_rows=0), batch.q[:0], **common)
     assert o.shape == (0, 8, 64) and lse.shape == (0, 8)
 
 
@@ -285,7 +285,7 @@ def prefix_depths(batch: Batch) -> list[PrefixPart]:
 @pytest.mark.parametrize("num_splits", [None, 4])
 def test_plan_step_runs_every_part_in_one_work_list(dtype: torch.dtype, group: int, num_splits: int | None) -> None:
     batch = make_batch(STEP_PREFIX_LENS, STEP_SEQS, group=group, head_dim=128, dtype=dtype, seed=11)
-    step = plan(batch, own=batch.own, prefixes=prefix_depths(batch),
+    step = prepare(batch, own=batch.own, prefixes=prefix_depths(batch),
                 config=LaunchConfig(block_n=16, num_splits=num_splits))
     assert len(step.items) == 2, "the decodes and the prefill take different tiles"
     assert all(i.dtype == torch.int32 for i in (*step.items, step.segments, step.kv_indices, step.part_rows))

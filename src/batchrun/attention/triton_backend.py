@@ -1,4 +1,4 @@
-"""The Triton backend: an adapter over the kernels of `batchrun.kernels`, whose `plan_step` makes a step's launch
+"""The Triton backend: an adapter over the kernels of `batchrun.kernels`, whose `prepare_step` makes a step's launch
 metadata once on the host (on the first layer, when the head counts and dtype are known), so every layer's
 `attend` is launches only, with no device sync.
 """
@@ -12,15 +12,15 @@ import torch
 from batchrun.attention.base import AttentionBackend, AttentionState, CascadeInput
 
 if TYPE_CHECKING:
-    from batchrun.kernels import StepPlan
+    from batchrun.kernels import StepWork
 
 
 class TritonStepLayout:
-    """The step's parts; the kernels' plan is made by the first layer's `attend` and reused by the others."""
+    """The step's parts; the kernels' work list is made by the first layer's `attend` and reused by the others."""
 
     def __init__(self, step: CascadeInput) -> None:
         self.step = step
-        self.plan: StepPlan | None = None
+        self.work: StepWork | None = None
 
 
 class TritonBackend(AttentionBackend[TritonStepLayout]):
@@ -41,10 +41,10 @@ class TritonBackend(AttentionBackend[TritonStepLayout]):
         self, layout: TritonStepLayout, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
         sm_scale: float,
     ) -> AttentionState:
-        if layout.plan is None:
+        if layout.work is None:
             step = layout.step
-            layout.plan = self.kernels.plan_step(
+            layout.work = self.kernels.prepare_step(
                 num_rows=step.num_rows, own=step.own, prefixes=step.prefixes, num_heads=q.shape[1],
                 num_kv_heads=k_cache.shape[1], head_dim=q.shape[2], dtype=q.dtype, device=self.device,
             )
-        return AttentionState(*self.kernels.attend(layout.plan, q, k_cache, v_cache, sm_scale=sm_scale))
+        return AttentionState(*self.kernels.attend(layout.work, q, k_cache, v_cache, sm_scale=sm_scale))
