@@ -283,7 +283,7 @@ def prefix_depths(batch: Batch) -> list[PrefixPart]:
 
 @pytest.mark.parametrize("dtype,group", [(torch.float32, 7), (torch.float16, 3), (torch.bfloat16, 4)], ids=str)
 @pytest.mark.parametrize("num_splits", [None, 4])
-def test_plan_step_runs_every_part_in_one_work_list(dtype: torch.dtype, group: int, num_splits: int | None) -> None:
+def test_prepare_step_runs_every_part_in_one_work_list(dtype: torch.dtype, group: int, num_splits: int | None) -> None:
     batch = make_batch(STEP_PREFIX_LENS, STEP_SEQS, group=group, head_dim=128, dtype=dtype, seed=11)
     step = prepare(batch, own=batch.own, prefixes=prefix_depths(batch),
                 config=LaunchConfig(block_n=16, num_splits=num_splits))
