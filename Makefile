@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[test]"
 	# The CPU attention op, into ~/.cache/batchrun (else built on first use).
-	$(BIN)/python -c 'import sys; from batchrun.attention.cpu_op import main; sys.exit(main())'
+	$(BIN)/python -c 'import sys; from batchrun.cpu_ext import main; sys.exit(main())'
 	touch $@
 
 demo: setup

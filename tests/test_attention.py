@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from batchrun import attention as attn
-from batchrun.attention import cpu_op, torch_backend, torch_buckets
+from batchrun import cpu_ext
+from batchrun.attention import torch_backend, torch_buckets
 
 
 def _backend(q: torch.Tensor) -> attn.TorchBackend:
@@ -187,7 +188,7 @@ def any_backend(request):
         return attn.TorchBackend(torch.device("cpu"))
     try:
         return attn.CpuBackend(torch.device("cpu"))
-    except cpu_op.OpUnavailable as e:
+    except cpu_ext.OpUnavailable as e:
         if e.__cause__ is not None:
             raise
         pytest.skip(str(e))
@@ -373,5 +374,5 @@ def test_select_backend_on_cpu_is_the_op_where_it_builds(monkeypatch):
     expected = "torch" if torch.backends.cpu.get_cpu_capability() != "AVX512" else "cpu"
     assert attn.select_backend(torch.device("cpu")).name == expected
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    monkeypatch.setattr(cpu_op, "_op", None)
+    monkeypatch.setattr(cpu_ext, "_op", None)
     assert attn.select_backend(torch.device("cpu")).name == "torch"

@@ -1,7 +1,7 @@
 """Cascade attention: the prefix parts, the own part and the LSE merge, over a KV slot pool.
 
 `base` holds the interface (the step's `CascadeInput`, `prepare` and `attend`), the attention state and its
-merge; `cpu_backend` (the C++ op of `cpu_op`), `torch_backend` (with `torch_buckets`) and `triton_backend`
+merge; `cpu_backend` (the C++ op of `batchrun.cpu_ext`), `torch_backend` (with `torch_buckets`) and `triton_backend`
 implement it; `select_backend` picks one for a device.
 """
 
@@ -21,7 +21,7 @@ from batchrun.attention.base import (
     merge_state_into,
 )
 from batchrun.attention.cpu_backend import CpuBackend
-from batchrun.attention.cpu_op import OpUnavailable
+from batchrun.cpu_ext import OpUnavailable
 from batchrun.attention.torch_backend import TorchBackend
 from batchrun.attention.triton_backend import TritonBackend
 

@@ -1,4 +1,4 @@
-"""The CPU backend: per layer, one call of the C++ op (cpu_op) per cascade part, over the KV pool in its own
+"""The CPU backend: per layer, one call of the C++ op (batchrun.cpu_ext) per cascade part, over the KV pool in its own
 dtype with fp32 accumulation; each prefix depth resumes the online softmax from the (o, lse) the earlier parts
 left, so there is no separate merge. Steps the op cannot run (other head sizes, float64) go to the torch backend.
 """
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from batchrun.attention.base import AttentionBackend, AttentionState, CascadeInput
-from batchrun.attention.cpu_op import load_op
+from batchrun.cpu_ext import load_op
 from batchrun.attention.torch_backend import TorchBackend, TorchStepLayout
 
 HEAD_DIMS = (16, 32, 64, 80, 96, 128)  # the op's compiled head sizes
@@ -37,7 +37,7 @@ class CpuStepLayout(NamedTuple):
 
 
 class CpuBackend(AttentionBackend[CpuStepLayout]):
-    """Raises cpu_op.OpUnavailable where the op cannot be built or run (select_backend then takes the torch one)."""
+    """Raises cpu_ext.OpUnavailable where the op cannot be built or run (select_backend then takes the torch one)."""
 
     name = "cpu"
 

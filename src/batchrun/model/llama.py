@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from batchrun.model.config import LinearRopeScaling, ModelConfig, RopeScaling
+from batchrun.model.layer_ops import LayerOps, layer_ops_for
 
 # attention(layer, q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, D]) -> o [N, Hq, D]
 AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -46,9 +47,10 @@ class LlamaModel:
 
     Weights are plain tensors (no autograd). `forward` returns the residual stream *before* the final norm;
     `compute_logits` applies the final norm, so the engine pays for it only on the rows it samples from.
+    The elementwise work runs through `ops` (default: `layer_ops_for` the weights' device and dtype).
     """
 
-    def __init__(self, config: ModelConfig, weights: ModelWeights) -> None:
+    def __init__(self, config: ModelConfig, weights: ModelWeights, ops: LayerOps | None = None) -> None:
         assert len(weights.layers) == config.num_layers
         self.config = config
         self.weights = weights
@@ -61,6 +63,8 @@ class LlamaModel:
         # Cast as transformers does (cos/sin in the activation dtype); `sin` carries rotate_half's sign.
         self._rope_cos = cos.to(device=self.device, dtype=self.dtype)  # [P, D]
         self._rope_sin = sin.to(device=self.device, dtype=self.dtype)  # [P, D]
+        self.ops = ops or layer_ops_for(self.device, self.dtype, hidden_size=config.hidden_size,
+                                        intermediate_size=config.intermediate_size, head_dim=config.head_dim)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionFn
@@ -71,55 +75,39 @@ class LlamaModel:
         (unit stride in the last dim, rows strided), so a kernel that needs contiguous rows must copy.
         It may return o in float32 or the model dtype.
         """
-        cfg = self.config
+        cfg, ops = self.config, self.ops
         num_tokens = input_ids.shape[0]
         head_dim, num_heads, eps = cfg.head_dim, cfg.num_heads, cfg.rms_norm_eps
         qk_dim = self._num_qk_heads * head_dim
-        cos = self._rope_cos[positions].unsqueeze(1)  # [N, 1, D]
-        sin = self._rope_sin[positions].unsqueeze(1)  # [N, 1, D]
+        cos, sin = self._rope_cos[positions], self._rope_sin[positions]  # [N, D] each
         hidden = F.embedding(input_ids, self.weights.embed)  # [N, H]
+        mlp_out: torch.Tensor | None = None  # the previous layer's MLP output, added with the next norm
         for i, layer in enumerate(self.weights.layers):
-            x = rms_norm(hidden, layer.input_norm, eps)
+            x = ops.add_rms_norm(hidden, mlp_out, layer.input_norm, eps)
             qkv = F.linear(x, layer.qkv_proj, layer.qkv_bias)  # [N, (Hq + 2 * Hkv) * D]
             # q and k are adjacent in the fused output, so one RoPE application covers both.
-            qk = apply_rope(qkv[:, :qk_dim].view(num_tokens, self._num_qk_heads, head_dim), cos, sin)
+            qk = ops.rope(qkv[:, :qk_dim].view(num_tokens, self._num_qk_heads, head_dim), cos, sin)
             v = qkv[:, qk_dim:].view(num_tokens, cfg.num_kv_heads, head_dim)  # [N, Hkv, D]
             o = attention(i, qk[:, :num_heads], qk[:, num_heads:], v)  # [N, Hq, D]
             o = o.reshape(num_tokens, num_heads * head_dim).to(self.dtype)
-            # In place (the same roundings as `hidden + ...`): the step allocates no new residual stream per layer.
-            hidden.add_(F.linear(o, layer.o_proj, layer.o_bias))
-            x = rms_norm(hidden, layer.post_norm, eps)
-            gate, up = F.linear(x, layer.gate_up_proj).chunk(2, dim=-1)  # [N, I] each, views of one buffer
-            hidden.add_(F.linear(F.silu(gate, inplace=True).mul_(up), layer.down_proj))
+            # The residual adds are in place (the roundings of `hidden + ...`): no new residual stream per layer.
+            x = ops.add_rms_norm(hidden, F.linear(o, layer.o_proj, layer.o_bias), layer.post_norm, eps)
+            mlp_out = F.linear(ops.silu_mul(F.linear(x, layer.gate_up_proj)), layer.down_proj)
+        if mlp_out is not None:
+            hidden.add_(mlp_out)
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [M, H] from `forward` -> float32 logits [M, V] (final norm applied here)."""
-        x = rms_norm(hidden, self.weights.norm, self.config.rms_norm_eps)
+        x = self.ops.add_rms_norm(hidden, None, self.weights.norm, self.config.rms_norm_eps)
         # The product runs in the model dtype, as transformers' lm_head does; only the result is widened.
         return F.linear(x, self.weights.lm_head).float()
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x [N, H] -> [N, H]: torch's fused kernel, which normalises in float32 in every dtype. In bf16/fp16 it
-    rounds once where transformers' LlamaRMSNorm rounds twice (before and after the weight): half the time, one
-    unit in the last place apart (the bf16 agreement test bounds the effect on tokens)."""
-    return F.rms_norm(x, weight.shape, weight, eps)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [N, heads, D], cos/sin [N, 1, D] (sin signed by `rope_tables`) -> [N, heads, D].
-
-    Equals transformers' `x * cos + rotate_half(x) * sin`: rolling by D/2 gives (x2, x1) and the signed table
-    supplies rotate_half's minus, with the same roundings.
-    """
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 def rope_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 (cos, signed sin), each [max_position_embeddings, D], built on the CPU.
 
-    The signed sin is (-sin, sin) over the two halves, for `apply_rope`.
+    The signed sin is (-sin, sin) over the two halves, for `layer_ops.apply_rope`.
     """
     inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)  # [D/2]
     positions = torch.arange(config.max_position_embeddings, dtype=torch.int64).float()

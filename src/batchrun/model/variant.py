@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from batchrun.model.config import DecoderVariant, ModelConfig
-from batchrun.model.llama import AttentionFn, LayerWeights, LlamaModel, ModelWeights, apply_rope, rms_norm, rope_tables
+from batchrun.model.layer_ops import TorchLayerOps, apply_rope, rms_norm
+from batchrun.model.llama import AttentionFn, LayerWeights, LlamaModel, ModelWeights, rope_tables
 
 
 @dataclass(frozen=True, eq=False)  # tensors: identity, not elementwise ==
@@ -32,7 +33,7 @@ class VariantModel(LlamaModel):
     decoders of `ModelConfig.variant`."""
 
     def __init__(self, config: ModelConfig, weights: ModelWeights, extras: tuple[VariantLayerWeights, ...]) -> None:
-        super().__init__(config, weights)
+        super().__init__(config, weights, TorchLayerOps())  # its norms and RoPE are its own: torch's ops
         assert config.variant is not None and len(extras) == config.num_layers
         self.variant: DecoderVariant = config.variant
         self.extras = extras

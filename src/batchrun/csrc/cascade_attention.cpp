@@ -433,7 +433,3 @@ void attention_part_(const at::Tensor& q, const at::Tensor& k_cache, const at::T
     dispatch_d<at::Half>(q, k_cache, v_cache, o, lse, q_start, q_len, kv_indices, kv_indptr, is_causal, is_merge, sm_scale, use_brgemm, work);
   else TORCH_CHECK(false, "fp32, bf16 or fp16");
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("attention_part_", &attention_part_, "one cascade attention part over the KV slot pool, in place");
-}
