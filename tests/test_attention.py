@@ -376,3 +376,56 @@ def test_select_backend_on_cpu_is_the_op_where_it_builds(monkeypatch):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     monkeypatch.setattr(cpu_ext, "_op", None)
     assert attn.select_backend(torch.device("cpu")).name == "torch"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [16, 80, 128])
+def test_cpu_op_on_long_segments_matches_float64(dtype, head_dim):
+    """The op's tiles and key blocks past one of each: causal segments of hundreds of rows (many query tiles, the
+    last block partly visible), a prefix part resumed over 300-700 keys by 1-90 rows, head sizes whose K^T
+    packing ends in a part vector (16, 80)."""
+    try:
+        op = cpu_ext.load_op()
+    except cpu_ext.OpUnavailable as e:
+        pytest.skip(str(e))
+    gen = torch.Generator().manual_seed(head_dim)
+    num_kv_heads, gqa_ratio, num_slots = 2, 4, 4000
+    perm = torch.randperm(num_slots, generator=gen)
+    q_lens, kv_lens = [700, 1, 257, 90, 33], [700, 520, 300, 90, 200]
+    prefix_lens = [600, 0, 300, 700, 257]  # one prefix segment per sequence; the second sequence has none
+    num_rows = sum(q_lens)
+    q = torch.randn(num_rows, num_kv_heads * gqa_ratio, head_dim, generator=gen).to(dtype)
+    k_cache = (torch.randn(num_slots, num_kv_heads, head_dim, generator=gen) * 2).to(dtype)
+    v_cache = torch.randn(num_slots, num_kv_heads, head_dim, generator=gen).to(dtype)
+    own_slots, prefix_slots, next_slot = [], [], 0
+    for kv_len, prefix_len in zip(kv_lens, prefix_lens, strict=True):
+        own_slots.append(perm[next_slot : next_slot + kv_len].tolist())
+        prefix_slots.append(perm[next_slot + kv_len : next_slot + kv_len + prefix_len].tolist())
+        next_slot += kv_len + prefix_len
+    q_start = torch.tensor([0, *np.cumsum(q_lens)[:-1].tolist()])
+    sm_scale = head_dim**-0.5
+    o = torch.empty(num_rows, num_kv_heads * gqa_ratio, head_dim)
+    lse = torch.empty(num_rows, num_kv_heads * gqa_ratio)
+
+    def indptr(lens):
+        return torch.tensor([0, *np.cumsum(lens).tolist()])
+
+    op.attention_part_(q, k_cache, v_cache, o, lse, q_start, torch.tensor(q_lens),
+                       torch.tensor(sum(own_slots, [])), indptr(kv_lens), True, False, sm_scale)
+    has_prefix = [i for i, n in enumerate(prefix_lens) if n]
+    op.attention_part_(q, k_cache, v_cache, o, lse, q_start[has_prefix], torch.tensor(q_lens)[has_prefix],
+                       torch.tensor(sum(prefix_slots, [])), indptr([prefix_lens[i] for i in has_prefix]),
+                       False, True, sm_scale)
+    keys = []
+    for q_len, own, prefix in zip(q_lens, own_slots, prefix_slots, strict=True):
+        keys += [prefix + own[: len(own) - q_len + i + 1] for i in range(q_len)]
+    # float64 attention of every row over the whole pool at once, the keys a row may not see masked.
+    visible = torch.zeros(num_rows, num_slots, dtype=torch.bool)
+    for row, row_keys in enumerate(keys):
+        visible[row, row_keys] = True
+    k64 = k_cache.double().repeat_interleave(gqa_ratio, dim=1)  # [S, Hq, D]
+    scores = torch.einsum("rhd,shd->hrs", q.double(), k64) * sm_scale
+    scores.masked_fill_(~visible, -math.inf)
+    lse_ref = torch.logsumexp(scores, -1).T  # [R, Hq]
+    o_ref = torch.einsum("hrs,shd->rhd", torch.softmax(scores, -1), v_cache.double().repeat_interleave(gqa_ratio, dim=1))
+    _assert_state_close(o, lse, o_ref, lse_ref, atol=2e-5 if dtype == torch.float32 else 1e-2)

@@ -20,9 +20,9 @@ namespace {
 
 constexpr int BK = 16;       // keys per block (one zmm of scores)
 constexpr int MAX_ROWS = 64;  // query rows (query x head in the GQA group) per tile
-constexpr int BN_MAX = 64;    // keys per block on the matrix unit
+constexpr int BN_MAX = 256;   // keys per block on the matrix unit
 constexpr int MU_MIN_ROWS = 16;  // segments of at least this many rows go to the matrix unit (bf16/fp16)
-constexpr int MU_MAX_ROWS = 256;  // rows per matrix-unit tile: K and V are packed once per tile and block
+constexpr int MU_MAX_ROWS = 128;  // rows per matrix-unit tile: K and V are packed once per tile and block
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
@@ -53,6 +53,31 @@ inline __m512 exp2_ps(__m512 x) {
 template <typename P>
 P* align64(P* p) {
   return reinterpret_cast<P*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
+}
+
+// Transposes 16 rows of 16 uint32 in registers (r[j] = row j): afterwards r[i] holds column i.
+inline void transpose16x16(__m512i r[16]) {
+  __m512i t[16];
+  for (int j = 0; j < 16; j += 2) {
+    t[j] = _mm512_unpacklo_epi32(r[j], r[j + 1]);
+    t[j + 1] = _mm512_unpackhi_epi32(r[j], r[j + 1]);
+  }
+  for (int j = 0; j < 16; j += 4) {
+    r[j] = _mm512_unpacklo_epi64(t[j], t[j + 2]);
+    r[j + 1] = _mm512_unpackhi_epi64(t[j], t[j + 2]);
+    r[j + 2] = _mm512_unpacklo_epi64(t[j + 1], t[j + 3]);
+    r[j + 3] = _mm512_unpackhi_epi64(t[j + 1], t[j + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    t[j] = _mm512_shuffle_i32x4(r[j], r[j + 4], 0x88);
+    t[j + 4] = _mm512_shuffle_i32x4(r[j], r[j + 4], 0xdd);
+    t[j + 8] = _mm512_shuffle_i32x4(r[j + 8], r[j + 12], 0x88);
+    t[j + 12] = _mm512_shuffle_i32x4(r[j + 8], r[j + 12], 0xdd);
+  }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88);
+    r[j + 8] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0xdd);
+  }
 }
 
 struct Item {
@@ -130,25 +155,26 @@ struct Part {
     }
   }
 
-  // One row's online softmax over a block of scores s (already in base 2, vis keys visible of `width`):
-  // updates m, l, writes p (0 past vis) and returns the factor the row's accumulator must be scaled by.
-  static float softmax_block(float* s, int width, int64_t vis, float& m, float& l) {
+  // One row's online softmax over a block of scores s (times `scale` gives base 2; vis keys visible of `width`):
+  // updates m, l, leaves p in s (0 past vis) and returns the factor the row's accumulator must be scaled by.
+  static float softmax_block(float* s, int width, int64_t vis, float scale, float& m, float& l) {
     const int nc = width / 16;
+    const __m512 sc = _mm512_set1_ps(scale);
     __m512 x[BN_MAX / 16];
-    float mx = NEG_INF;
+    __mmask16 keep[BN_MAX / 16];
+    __m512 vmax = _mm512_set1_ps(NEG_INF);
     for (int c = 0; c < nc; ++c) {
       const int64_t left = vis - c * 16;
-      const __mmask16 keep = left >= 16 ? __mmask16(0xffff) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1u);
-      x[c] = _mm512_mask_mov_ps(_mm512_set1_ps(NEG_INF), keep, _mm512_load_ps(s + c * 16));
-      mx = std::max(mx, _mm512_reduce_max_ps(x[c]));
+      keep[c] = left >= 16 ? __mmask16(0xffff) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1u);
+      x[c] = _mm512_mask_mul_ps(_mm512_set1_ps(NEG_INF), keep[c], _mm512_load_ps(s + c * 16), sc);
+      vmax = _mm512_max_ps(vmax, x[c]);
     }
-    const float m_new = std::max(m, mx);
-    const float alpha = m == NEG_INF ? 0.f : std::exp2(m - m_new);
+    const float m_new = std::max(m, _mm512_reduce_max_ps(vmax));
+    const float alpha = m == NEG_INF ? 0.f : _mm512_cvtss_f32(exp2_ps(_mm512_set1_ps(m - m_new)));
+    const __m512 mv = _mm512_set1_ps(m_new);
     __m512 sum = _mm512_setzero_ps();
     for (int c = 0; c < nc; ++c) {
-      const int64_t left = vis - c * 16;
-      const __mmask16 keep = left >= 16 ? __mmask16(0xffff) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1u);
-      const __m512 p = _mm512_maskz_mov_ps(keep, exp2_ps(_mm512_sub_ps(x[c], _mm512_set1_ps(m_new))));
+      const __m512 p = _mm512_maskz_mov_ps(keep[c], exp2_ps(_mm512_sub_ps(x[c], mv)));
       sum = _mm512_add_ps(sum, p);
       _mm512_store_ps(s + c * 16, p);
     }
@@ -227,7 +253,7 @@ struct Part {
       for (int r = 0; r < M; ++r) {
         const int64_t vis = std::min<int64_t>(nb, limit[r] - j0);
         if (vis <= 0) continue;
-        const float alpha = softmax_block(&s[r][0], BK, vis, m[r], l[r]);
+        const float alpha = softmax_block(&s[r][0], BK, vis, 1.f, m[r], l[r]);  // q carries the scale
         __m512 o_acc[NV];
         for (int c = 0; c < NV; ++c) o_acc[c] = _mm512_mul_ps(_mm512_load_ps(&acc[r][c * 16]), _mm512_set1_ps(alpha));
         for (int n = 0; n < vis; ++n) {
@@ -272,9 +298,7 @@ struct Part {
         float* sr = s + r * bn;
         float alpha = 1.f;
         if (vis > 0) {
-          for (int c = 0; c < bn / 16; ++c)
-            _mm512_store_ps(sr + c * 16, _mm512_mul_ps(_mm512_load_ps(sr + c * 16), _mm512_set1_ps(scale2)));
-          alpha = softmax_block(sr, bn, vis, m[r], l[r]);
+          alpha = softmax_block(sr, bn, vis, scale2, m[r], l[r]);
         } else {
           for (int c = 0; c < bn / 16; ++c) _mm512_store_ps(sr + c * 16, _mm512_setzero_ps());
         }
@@ -305,13 +329,19 @@ struct Part {
       }
       return;
     } else {
+      // K^T: 16 keys at a time, their rows of D / 2 (d, d + 1) pairs transposed in registers 16 pairs at a time.
       uint32_t* kp32 = reinterpret_cast<uint32_t*>(kp);
-      for (int n = 0; n < bn; ++n) {
-        if (n < nb) {
-          const uint32_t* ks = reinterpret_cast<const uint32_t*>(k + kv_indices[first + n] * ks0 + h * ks1);
-          for (int i = 0; i < D / 2; ++i) kp32[i * bn + n] = ks[i];
-        } else {
-          for (int i = 0; i < D / 2; ++i) kp32[i * bn + n] = 0;
+      for (int n0 = 0; n0 < bn; n0 += 16) {
+        const uint32_t* rows[16];
+        for (int j = 0; j < 16; ++j)
+          rows[j] = n0 + j < nb ? reinterpret_cast<const uint32_t*>(k + kv_indices[first + n0 + j] * ks0 + h * ks1) : nullptr;
+        for (int i0 = 0; i0 < D / 2; i0 += 16) {
+          const int w = std::min(16, D / 2 - i0);
+          const __mmask16 take = __mmask16((1u << w) - 1u);
+          __m512i r[16];
+          for (int j = 0; j < 16; ++j) r[j] = rows[j] ? _mm512_maskz_loadu_epi32(take, rows[j] + i0) : _mm512_setzero_si512();
+          transpose16x16(r);
+          for (int i = 0; i < w; ++i) _mm512_storeu_si512(kp32 + (i0 + i) * bn + n0, r[i]);
         }
       }
       const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
