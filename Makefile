@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[test]"
-	# The CPU attention op, into ~/.cache/batchrun (else built on first use).
+	# The CPU extension (attention op, fused layer ops), into ~/.cache/batchrun (else built on first use).
 	$(BIN)/python -c 'import sys; from batchrun.cpu_ext import main; sys.exit(main())'
 	touch $@
 

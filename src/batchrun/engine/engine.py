@@ -8,7 +8,10 @@ the finish rules say which requests end; this module wires them and keeps the ru
 from __future__ import annotations
 
 import functools
+import gc
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -129,8 +132,21 @@ class Engine:
         """Runs every request whose id is not in `skip_ids` (already written: resume); hands each finished
         request to `writer` as soon as it finishes. A request that cannot run becomes an error line; an
         exception inside a step (a bug, out of memory) propagates."""
-        with torch.inference_mode():
+        with torch.inference_mode(), _frozen_heap():
             return _Run(self, writer, metrics, skip_ids).loop()
+
+
+@contextmanager
+def _frozen_heap() -> Iterator[None]:
+    """Moves every object alive before the run (the model, the plan, the tokenizer, imported modules: about
+    300k) out of the cyclic collector's sight for the run: its full collections otherwise re-walk them (measured
+    0.26 s of a 3.4 s run). Objects made during the run are collected as usual; the caller's heap is restored."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 @dataclass
