@@ -156,8 +156,10 @@ struct Part {
   }
 
   // One row's online softmax over a block of scores s (times `scale` gives base 2; vis keys visible of `width`):
-  // updates m, l, leaves p in s (0 past vis) and returns the factor the row's accumulator must be scaled by.
-  static float softmax_block(float* s, int width, int64_t vis, float scale, float& m, float& l) {
+  // updates m, l, writes p to `p` (fp32, or the 16-bit dtype the matrix unit reads; 0 past vis; may be s itself)
+  // and returns the factor the row's accumulator must be scaled by.
+  template <typename P>
+  static float softmax_block(const float* s, int width, int64_t vis, float scale, float& m, float& l, P* p_out) {
     const int nc = width / 16;
     const __m512 sc = _mm512_set1_ps(scale);
     __m512 x[BN_MAX / 16];
@@ -176,7 +178,8 @@ struct Part {
     for (int c = 0; c < nc; ++c) {
       const __m512 p = _mm512_maskz_mov_ps(keep[c], exp2_ps(_mm512_sub_ps(x[c], mv)));
       sum = _mm512_add_ps(sum, p);
-      _mm512_store_ps(s + c * 16, p);
+      if constexpr (std::is_same_v<P, float>) _mm512_store_ps(p_out + c * 16, p);
+      else store16(p_out + c * 16, p);
     }
     l = l * alpha + _mm512_reduce_add_ps(sum);
     m = m_new;
@@ -253,7 +256,7 @@ struct Part {
       for (int r = 0; r < M; ++r) {
         const int64_t vis = std::min<int64_t>(nb, limit[r] - j0);
         if (vis <= 0) continue;
-        const float alpha = softmax_block(&s[r][0], BK, vis, 1.f, m[r], l[r]);  // q carries the scale
+        const float alpha = softmax_block(&s[r][0], BK, vis, 1.f, m[r], l[r], &s[r][0]);  // q carries the scale
         __m512 o_acc[NV];
         for (int c = 0; c < NV; ++c) o_acc[c] = _mm512_mul_ps(_mm512_load_ps(&acc[r][c * 16]), _mm512_set1_ps(alpha));
         for (int n = 0; n < vis; ++n) {
@@ -296,14 +299,14 @@ struct Part {
       for (int r = 0; r < M; ++r) {
         const int64_t vis = std::min<int64_t>(nb, limit[r] - j0);
         float* sr = s + r * bn;
+        // P where the second brgemm reads it: the 16-bit copy for the matrix unit, else in place over S.
+        auto* pr = [&] { if constexpr (is_vnni) return pb + r * bn; else return sr; }();
         float alpha = 1.f;
         if (vis > 0) {
-          alpha = softmax_block(sr, bn, vis, scale2, m[r], l[r]);
+          alpha = softmax_block(sr, bn, vis, scale2, m[r], l[r], pr);
         } else {
-          for (int c = 0; c < bn / 16; ++c) _mm512_store_ps(sr + c * 16, _mm512_setzero_ps());
+          std::memset(pr, 0, bn * sizeof(*pr));
         }
-        if constexpr (is_vnni)
-          for (int c = 0; c < bn / 16; ++c) store16(pb + r * bn + c * 16, _mm512_load_ps(sr + c * 16));
         if (alpha != 1.f)
           for (int c = 0; c < NV; ++c)
             _mm512_store_ps(acc + r * D + c * 16,
