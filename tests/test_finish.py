@@ -52,6 +52,22 @@ def test_stop_checker_rules():
     assert check.final_text(decode([2, 1, 0, 2])) == "b</s>a"
 
 
+def test_stop_strings_follow_vllm_min_tokens_and_order():
+    """vLLM's rules: a stop string completed by token min_tokens does not count (the first that does is token
+    min_tokens + 1's), a short stop string that ended in older text is not found because a longer one is
+    listed, and of two in the same new text the one that completes first wins."""
+    decode = _Decode(["a", "</s>", "b", "STO", "P", "c", "xb"])
+    eos = frozenset({EOS})
+    check = StopChecker(_params(max_tokens=9, min_tokens=2, stop=("b",)), eos_token_ids=eos)
+    assert check.check([0], decode) is None and check.check([0, 2], decode) is None
+    assert check.check([0, 2, 2], decode) == "stop" and check.final_text(decode([0, 2, 2])) == "ab"
+    check = StopChecker(_params(max_tokens=9, min_tokens=1, stop=("b", "STOP")), eos_token_ids=eos)
+    assert check.check([2], decode) is None and check.check([2, 0], decode) is None
+    check = StopChecker(_params(max_tokens=9, stop=("xbSTOP", "STO")), eos_token_ids=eos)
+    assert check.check([6], decode) is None and check.check([6, 3], decode) == "stop"
+    assert check.final_text(decode([6, 3])) == "xb"
+
+
 def test_stop_checker_text_is_the_full_decode_and_costs_linear_decoding():
     """The incremental text equals decoding the whole output (multi-byte characters split over byte-level
     tokens included), a stop string is found as in the whole text, and decoding stays linear in the output."""

@@ -99,13 +99,16 @@ class StopChecker:
         if is_eligible and token_ids[-1] in self.eos_token_ids:
             return "stop"
         if self.max_stop_len:
-            # A new stop string ends in the new text, so it starts at most max_stop_len - 1 before it.
-            start = max(len(self.text) - self.max_stop_len + 1, 0)
+            old_len = len(self.text)
             self._extend_text(token_ids, decode)
-            if is_eligible:
-                found = [i for s in self.params.stop if (i := self.text.find(s, start)) >= 0]
+            # As vLLM: stop strings count from the token after min_tokens on, only one that ends in the new text
+            # (it starts at most len(s) - 1 before), so none completed earlier is found late; of several, the
+            # one that completes first, then the first listed.
+            if num > self.params.min_tokens:
+                found = [(i + len(s), k, i) for k, s in enumerate(self.params.stop)
+                         if (i := self.text.find(s, max(old_len - len(s) + 1, 0))) >= 0]
                 if found:
-                    self.stop_at = min(found)
+                    self.stop_at = min(found)[2]
                     return "stop"
         if num >= self.params.max_tokens:
             return "length"
