@@ -102,8 +102,8 @@ def measure_matmul_rate(model_dir: Path, *, dtype: str, threads: int, rows: int 
     """The rate of the model's linear layers alone on this machine: one layer's projections (q|k|v, o,
     gate|up, down, as batchrun fuses them) over `rows` tokens, median of `repeats` timings, and the prompt
     tokens/s that rate allows (2 flops per weight per token, every layer). The prefill ceiling to compare
-    batchrun's prefill throughput with. OpenMP waits passively here as in batchrun (batchrun/__init__.py)."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch loads OpenMP, just below
+    batchrun's prefill throughput with. OpenMP waits here as in batchrun (set by `import batchrun`)."""
+    import batchrun  # noqa: F401, I001  (before torch: it sets how OpenMP threads wait, as a batchrun run does)
     import torch
 
     cfg = json.loads((model_dir / "config.json").read_text())

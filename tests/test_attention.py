@@ -427,5 +427,6 @@ def test_cpu_op_on_long_segments_matches_float64(dtype, head_dim):
     scores = torch.einsum("rhd,shd->hrs", q.double(), k64) * sm_scale
     scores.masked_fill_(~visible, -math.inf)
     lse_ref = torch.logsumexp(scores, -1).T  # [R, Hq]
-    o_ref = torch.einsum("hrs,shd->rhd", torch.softmax(scores, -1), v_cache.double().repeat_interleave(gqa_ratio, dim=1))
+    v64 = v_cache.double().repeat_interleave(gqa_ratio, dim=1)
+    o_ref = torch.einsum("hrs,shd->rhd", torch.softmax(scores, -1), v64)
     _assert_state_close(o, lse, o_ref, lse_ref, atol=2e-5 if dtype == torch.float32 else 1e-2)

@@ -21,9 +21,9 @@ from batchrun.attention.base import (
     merge_state_into,
 )
 from batchrun.attention.cpu_backend import CpuBackend
-from batchrun.cpu_ext import OpUnavailable
 from batchrun.attention.torch_backend import TorchBackend
 from batchrun.attention.triton_backend import TritonBackend
+from batchrun.cpu_ext import OpUnavailable
 
 __all__ = [
     "AttentionBackend", "AttentionState", "CascadeInput", "CpuBackend", "OwnPart", "PrefixPart", "TorchBackend",

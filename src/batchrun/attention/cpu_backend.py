@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from batchrun.attention.base import AttentionBackend, AttentionState, CascadeInput
-from batchrun.cpu_ext import load_op
 from batchrun.attention.torch_backend import TorchBackend, TorchStepLayout
+from batchrun.cpu_ext import load_op
 
 HEAD_DIMS = (16, 32, 64, 80, 96, 128)  # the op's compiled head sizes
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)

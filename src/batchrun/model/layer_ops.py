@@ -34,7 +34,8 @@ class TorchLayerOps:
     name = "torch"
 
     @staticmethod
-    def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                     eps: float) -> torch.Tensor:
         """hidden [N, H] += delta in place (when given); returns rms_norm(hidden) * weight, a new [N, H]."""
         if delta is not None:
             hidden.add_(delta)
