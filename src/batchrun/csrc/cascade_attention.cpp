@@ -6,6 +6,7 @@
 // at::native::cpublas::brgemm. Built with AVX-512 (F, BW, DQ, VL); Python uses it only on CPUs that have it.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include "vec.h"
 #include <ATen/native/CPUBlas.h>
 #include <immintrin.h>
 #include <algorithm>
@@ -26,14 +27,7 @@ constexpr int MU_MAX_ROWS = 128;  // rows per matrix-unit tile: K and V are pack
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::BFloat16* p) {  // bf16 is the top half of an fp32: a shift widens it exactly
-  __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
-}
-inline __m512 load16(const at::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
+using batchrun_cpu::load16;
 
 // 2^x for x >= -150 (smaller x are clamped: the result underflows to ~0).
 inline __m512 exp2_ps(__m512 x) {

@@ -4,20 +4,14 @@
 // torch runs each of these as 3-7 kernels, several of them on AVX2 in the 16-bit dtypes.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include "vec.h"
 #include <immintrin.h>
 #include <cmath>
 #include <cstdint>
 
 namespace {
 
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::BFloat16* p) {  // bf16 is the top half of an fp32: a shift widens it exactly
-  __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
-}
-inline __m512 load16(const at::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
+using batchrun_cpu::load16;
 
 inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
 inline void store16(at::BFloat16* p, __m512 x) {  // round to nearest even, NaN kept a NaN, as c10::BFloat16
