@@ -28,6 +28,7 @@ constexpr float LOG2E = 1.4426950408889634f;
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 using batchrun_cpu::load16;
+using batchrun_cpu::store16;
 
 // 2^x for x >= -150 (smaller x are clamped: the result underflows to ~0).
 inline __m512 exp2_ps(__m512 x) {
@@ -79,17 +80,6 @@ struct Item {
   int64_t cost;
 };
 
-// fp32 -> bf16 / fp16 with round-to-nearest-even, for P before the matrix unit's P x V.
-inline void store16(at::BFloat16* p, __m512 x) {
-  __m512i u = _mm512_castps_si512(x);
-  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  u = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(u));
-}
-inline void store16(at::Half* p, __m512 x) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-inline void store16(float*, __m512) {}  // fp32 never takes the matrix-unit path
 
 template <typename T, int D>
 struct Part {
@@ -172,8 +162,7 @@ struct Part {
     for (int c = 0; c < nc; ++c) {
       const __m512 p = _mm512_maskz_mov_ps(keep[c], exp2_ps(_mm512_sub_ps(x[c], mv)));
       sum = _mm512_add_ps(sum, p);
-      if constexpr (std::is_same_v<P, float>) _mm512_store_ps(p_out + c * 16, p);
-      else store16(p_out + c * 16, p);
+      store16(p_out + c * 16, p);
     }
     l = l * alpha + _mm512_reduce_add_ps(sum);
     m = m_new;

@@ -12,19 +12,7 @@
 namespace {
 
 using batchrun_cpu::load16;
-
-inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
-inline void store16(at::BFloat16* p, __m512 x) {  // round to nearest even, NaN kept a NaN, as c10::BFloat16
-  __m512i u = _mm512_castps_si512(x);
-  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-  r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
-}
-inline void store16(at::Half* p, __m512 x) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
+using batchrun_cpu::store16;
 
 // e^x for fp32 lanes, within 2 ulp (range reduction by ln 2 in two parts, a degree-6 polynomial).
 inline __m512 exp_ps(__m512 x) {
